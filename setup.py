@@ -1,0 +1,22 @@
+"""Installs the kernel library ``unicom_kernels`` and the pipeline package ``unicom``."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="unicom-kernels",
+    version="0.1.0",
+    description="Fused, memory-bounded margin softmax with dual partial selection (UNICOM), Triton + PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unicom_kernels", "unicom_kernels.*", "unicom", "unicom.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+        "gpu": ["faiss-gpu"],
+    },
+)

@@ -1,0 +1,143 @@
+"""Class and dimension sampling (DESIGN.md section 2.3-2.4)."""
+
+import pytest
+import torch
+
+from unicom_kernels import DualPartialMarginLoss, dual_partial_margin_loss
+from unicom_kernels.sampling import num_sampled_classes, sample_classes, sample_dims, step_generator
+
+
+@pytest.mark.parametrize("num_classes,rate,num_pos", [(1000, 0.1, 37), (1000, 0.01, 37), (97, 0.29, 5), (50, 1.0, 3)])
+def test_sample_classes_properties(num_classes, rate, num_pos):
+    gen = torch.Generator().manual_seed(3)
+    positives = torch.randperm(num_classes, generator=gen)[:num_pos]
+    index = sample_classes(positives, num_classes, rate, torch.Generator().manual_seed(5))
+    assert index.dtype == torch.int64
+    assert index.numel() == max(num_pos, int(rate * num_classes)) == num_sampled_classes(num_pos, num_classes, rate)
+    assert torch.isin(positives, index).all()
+    assert torch.equal(index, index.unique())  # distinct and sorted
+    assert int(index.min()) >= 0 and int(index.max()) < num_classes
+
+
+def test_sample_classes_more_positives_than_rate():
+    positives = torch.arange(0, 200, 2)
+    index = sample_classes(positives, 1000, 0.05, torch.Generator().manual_seed(0))
+    assert torch.equal(index, positives)
+
+
+def test_negatives_are_uniform():
+    """Each non-positive class is drawn with probability (n - P) / (C - P)."""
+    num_classes, rate, trials = 40, 0.25, 4000
+    positives = torch.tensor([3, 17])
+    counts = torch.zeros(num_classes)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(trials):
+        counts[sample_classes(positives, num_classes, rate, gen)] += 1
+    assert torch.all(counts[positives] == trials)
+    negatives = torch.ones(num_classes, dtype=torch.bool)
+    negatives[positives] = False
+    expected = trials * (10 - 2) / (num_classes - 2)
+    # Binomial std ~ sqrt(trials * p * (1 - p)) ~ 15; allow 5 sigma.
+    assert (counts[negatives] - expected).abs().max() < 5 * (trials * 0.21 * 0.79) ** 0.5
+
+
+def test_sample_dims_properties():
+    dims = sample_dims(512, 256, torch.Generator().manual_seed(0))
+    assert dims.numel() == 256 and torch.equal(dims, dims.unique())
+    assert int(dims.min()) >= 0 and int(dims.max()) < 512
+
+
+def test_step_generator_reproducible_and_distinct():
+    a = torch.rand(8, generator=step_generator(7, 3, 0))
+    assert torch.equal(a, torch.rand(8, generator=step_generator(7, 3, 0)))
+    for other in [(7, 4, 0), (8, 3, 0), (7, 3, 1)]:
+        assert not torch.equal(a, torch.rand(8, generator=step_generator(*other)))
+
+
+def _batch(num_classes=200, batch=24, dim=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen)
+
+
+def test_module_samples_per_step_reproducibly():
+    x, y = _batch()
+    a = DualPartialMarginLoss(200, 32, class_sample_rate=0.2, dim_sample_rate=0.5, seed=1)
+    b = DualPartialMarginLoss(200, 32, class_sample_rate=0.2, dim_sample_rate=0.5, seed=1)
+    seen = []
+    for _ in range(3):
+        a(x, y)
+        b(x, y)
+        assert torch.equal(a.last_class_index, b.last_class_index)
+        assert torch.equal(a.last_dim_index, b.last_dim_index)
+        assert torch.isin(y, a.last_class_index).all()
+        assert a.last_class_index.numel() == 40 and a.last_dim_index.numel() == 16
+        seen.append((a.last_class_index, a.last_dim_index))
+    assert not torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[0][1], seen[1][1])
+    assert a.step == 3
+
+
+def test_module_seed_changes_sample():
+    x, y = _batch()
+    a = DualPartialMarginLoss(200, 32, seed=1)
+    b = DualPartialMarginLoss(200, 32, seed=2)
+    a(x, y)
+    b(x, y)
+    assert not torch.equal(a.last_dim_index, b.last_dim_index)
+
+
+def test_state_dict_round_trip_reproduces_next_sample():
+    x, y = _batch()
+    torch.manual_seed(0)
+    run = DualPartialMarginLoss(200, 32, class_sample_rate=0.1, dim_sample_rate=0.5, seed=9)
+    for _ in range(2):
+        run(x, y)
+    state = run.state_dict()
+    expected_loss = run(x, y)
+    resumed = DualPartialMarginLoss(200, 32, class_sample_rate=0.1, dim_sample_rate=0.5, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.step == 2 and resumed.seed == 9
+    loss = resumed(x, y)
+    assert torch.equal(resumed.last_class_index, run.last_class_index)
+    assert torch.equal(resumed.last_dim_index, run.last_dim_index)
+    assert torch.equal(loss, expected_loss)
+
+
+def test_eval_mode_does_not_advance():
+    x, y = _batch()
+    crit = DualPartialMarginLoss(200, 32).eval()
+    crit(x, y)
+    first = crit.last_class_index
+    crit(x, y)
+    assert crit.step == 0 and torch.equal(first, crit.last_class_index)
+
+
+def test_rate_one_selects_everything():
+    x, y = _batch()
+    crit = DualPartialMarginLoss(200, 32, class_sample_rate=1.0, dim_sample_rate=1.0)
+    crit(x, y)
+    assert torch.equal(crit.last_class_index, torch.arange(200)) and crit.last_dim_index is None
+
+
+def test_num_dims_overrides_rate():
+    x, y = _batch()
+    crit = DualPartialMarginLoss(200, 32, dim_sample_rate=0.5, num_dims=5)
+    crit(x, y)
+    assert crit.last_dim_index.numel() == 5
+
+
+def test_functional_sampling_uses_generator():
+    x, y = _batch()
+    w = torch.randn(200, 32) * 0.01
+    kw = dict(class_sample_rate=0.1, dim_sample_rate=0.5)
+    a = dual_partial_margin_loss(x, w, y, generator=torch.Generator().manual_seed(4), **kw)
+    b = dual_partial_margin_loss(x, w, y, generator=torch.Generator().manual_seed(4), **kw)
+    c = dual_partial_margin_loss(x, w, y, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ignored_labels_are_not_positives():
+    x, y = _batch()
+    y[:12] = -1
+    crit = DualPartialMarginLoss(200, 32, class_sample_rate=0.01)
+    crit(x, y)
+    assert torch.equal(crit.last_class_index, y[12:].unique())

@@ -1,0 +1,171 @@
+"""Argument validation (DESIGN.md section 6).
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong shape, device or value) naming the argument, before any computation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .margin import MARGIN_GRADS, MARGIN_TYPES
+
+
+def _check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_integer_tensor(value: object, name: str) -> Tensor:
+    t = _check_tensor(value, name)
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor (int64), got dtype {t.dtype}")
+    return t
+
+
+def _check_float_tensor(value: object, name: str) -> Tensor:
+    t = _check_tensor(value, name)
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (fp32/fp16/bf16/fp64), got dtype {t.dtype}")
+    return t
+
+
+def _check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _check_rate(value: object, name: str) -> float:
+    rate = _check_real(value, name)
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return rate
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_options(
+    *,
+    scale: object,
+    margin: object,
+    margin_type: object,
+    margin_grad: object,
+    class_sample_rate: object,
+    dim_sample_rate: object,
+    num_dims: object,
+    ignore_index: object,
+    backend: object,
+    backends: tuple[str, ...],
+) -> None:
+    """Check the scalar options of the loss (no tensors involved)."""
+    if _check_real(scale, "scale") <= 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    _check_real(margin, "margin")
+    _check_choice(margin_type, "margin_type", MARGIN_TYPES)
+    _check_choice(margin_grad, "margin_grad", MARGIN_GRADS)
+    _check_rate(class_sample_rate, "class_sample_rate")
+    _check_rate(dim_sample_rate, "dim_sample_rate")
+    if num_dims is not None and (isinstance(num_dims, bool) or not isinstance(num_dims, numbers.Integral)):
+        raise TypeError(f"num_dims must be an int or None, got {num_dims!r}")
+    if num_dims is not None and num_dims < 1:
+        raise ValueError(f"num_dims must be >= 1, got {num_dims}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_choice(backend, "backend", backends)
+
+
+def num_selected_dims(dim: int, dim_sample_rate: float, num_dims: int | None) -> int:
+    """``k = num_dims`` or ``round(dim_sample_rate * dim)``, checked to lie in ``[1, dim]``."""
+    if num_dims is not None:
+        if num_dims > dim:
+            raise ValueError(f"num_dims must be <= the embedding dim {dim}, got {num_dims}")
+        return int(num_dims)
+    k = round(dim_sample_rate * dim)
+    if k < 1:
+        raise ValueError(
+            f"dim_sample_rate={dim_sample_rate} selects round({dim_sample_rate} * {dim}) = 0 dims; it must select >= 1"
+        )
+    return k
+
+
+def check_inputs(
+    embeddings: object,
+    prototypes: object,
+    labels: object,
+    *,
+    ignore_index: int,
+    check_finite: bool,
+) -> None:
+    """Check types, shapes, devices and label range; optionally that embeddings are finite.
+
+    The label-range and finiteness checks read one value back to the host.
+    """
+    x = _check_float_tensor(embeddings, "embeddings")
+    w = _check_float_tensor(prototypes, "prototypes")
+    y = _check_integer_tensor(labels, "labels")
+    if x.dim() != 2:
+        raise ValueError(f"embeddings must have shape [B, D], got {tuple(x.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"prototypes must have shape [C, D], got {tuple(w.shape)}")
+    if y.dim() != 1:
+        raise ValueError(f"labels must have shape [B], got {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("embeddings is an empty batch (B = 0); the loss needs at least one row")
+    if x.shape[1] == 0 or w.shape[0] == 0:
+        raise ValueError(f"embeddings [B, D] and prototypes [C, D] need D >= 1 and C >= 1, got {tuple(w.shape)}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"embeddings [B, D] and prototypes [C, D] must agree on D, got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have one entry per embedding row ({x.shape[0]}), got {y.shape[0]}")
+    if w.device != x.device or y.device != x.device:
+        raise ValueError(
+            f"embeddings, prototypes and labels must be on one device, got {x.device}, {w.device}, {y.device}"
+        )
+    num_classes = w.shape[0]
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    if bad.any():
+        value = y[bad][0].item()
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
+        )
+    if check_finite and not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or inf (pass check_finite=False to skip this check)")
+
+
+def _check_index(index: object, name: str, size: int, what: str, device: torch.device) -> Tensor:
+    t = _check_integer_tensor(index, name)
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor of {what}, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like the embeddings, got {t.device}")
+    if ((t < 0) | (t >= size)).any():
+        raise ValueError(f"{name} must hold {what} in [0, {size})")
+    if t.unique().numel() != t.numel():
+        raise ValueError(f"{name} must not repeat an index")
+    return t.to(torch.int64)
+
+
+def check_class_index(class_index: object, num_classes: int, positives: Tensor) -> Tensor:
+    """Validate an explicit class selection; returns it sorted (int64)."""
+    index = _check_index(class_index, "class_index", num_classes, "class ids", positives.device).sort().values
+    if not torch.isin(positives, index).all():
+        missing = positives[~torch.isin(positives, index)][0].item()
+        raise ValueError(f"class_index must contain every label of the batch; label {missing} is missing")
+    return index
+
+
+def check_dim_index(dim_index: object, dim: int, device: torch.device) -> Tensor:
+    """Validate an explicit dimension selection; returns it sorted (int64)."""
+    return _check_index(dim_index, "dim_index", dim, "feature dims", device).sort().values

@@ -1,0 +1,49 @@
+"""The readable oracle backend: materialises the full ``[N, n]`` logit matrix.
+
+This is how insightface's Partial FC computes the loss (dense logits, margin on the
+target column, cross-entropy), kept as the semantic reference and the baseline the
+fused backends are measured against. Memory is ``O(N * n)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .margin import target_logit
+
+
+def margin_softmax_loss(
+    xn: Tensor,
+    wn: Tensor,
+    target: Tensor,
+    *,
+    scale: float,
+    margin: float,
+    margin_type: str,
+    margin_grad: str,
+    compute_dtype: torch.dtype,
+) -> Tensor:
+    """Mean margin-softmax loss over non-ignored rows.
+
+    Args:
+        xn: ``[N, k]`` L2-normalised embeddings (fp32 or fp64).
+        wn: ``[n, k]`` L2-normalised sampled prototypes, same dtype as ``xn``.
+        target: ``[N]`` int64 column of each row's class in ``wn``; ``-1`` ignores the row.
+        compute_dtype: dtype of the GEMM operands (the result is upcast to ``xn.dtype``).
+
+    Returns:
+        0-dim loss in ``xn.dtype``; ``0`` when every row is ignored.
+    """
+    cos = (xn.to(compute_dtype) @ wn.to(compute_dtype).T).to(xn.dtype).clamp(-1.0, 1.0)
+    valid = target >= 0
+    col = target.clamp_min(0).unsqueeze(1)
+    cos_t = cos.gather(1, col).squeeze(1)
+    z_t, dz_dc = target_logit(
+        cos_t.detach(), scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad
+    )
+    # Value z_t with slope dz_dc: the margin's gradient mode in one expression.
+    z_t = z_t + dz_dc * (cos_t - cos_t.detach())
+    logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))
+    per_row = torch.logsumexp(logits, dim=1) - z_t
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
