@@ -98,9 +98,15 @@ def test_bad_options(name, error, override):
         dual_partial_margin_loss(x, w, y, **override)
 
 
-@pytest.mark.parametrize("name,error,override", BAD_OPTIONS[:-1] + [("num_classes", ValueError, dict(num_classes=0)),
-                                                                   ("embedding_dim", ValueError, dict(embedding_dim=-3)),
-                                                                   ("seed", TypeError, dict(seed=1.5))])
+@pytest.mark.parametrize(
+    "name,error,override",
+    BAD_OPTIONS[:-1]
+    + [
+        ("num_classes", ValueError, dict(num_classes=0)),
+        ("embedding_dim", ValueError, dict(embedding_dim=-3)),
+        ("seed", TypeError, dict(seed=1.5)),
+    ],
+)
 def test_bad_module_options(name, error, override):
     args = dict(num_classes=C, embedding_dim=D) | override
     with pytest.raises(error, match=name):

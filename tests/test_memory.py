@@ -34,7 +34,7 @@ def _largest(backend, rows, cols, dim=32):
     return mode.largest
 
 
-@pytest.mark.parametrize("rows,cols,dim", [(512, 20000, 32), (3, 2_000_000, 2)])
+@pytest.mark.parametrize("rows,cols,dim", [(512, 20000, 32), (3, 4_000_000, 2)])
 def test_torch_backend_bounded_by_chunk(rows, cols, dim):
     full = rows * cols
     assert full > torch_chunked.CHUNK_ELEMENTS

@@ -137,9 +137,7 @@ def check_inputs(
     bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
     if bad.any():
         value = y[bad][0].item()
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
-        )
+        raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}")
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or inf (pass check_finite=False to skip this check)")
 

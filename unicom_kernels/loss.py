@@ -8,6 +8,8 @@ gathered rows and columns back into the full prototype matrix.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +19,24 @@ from .ops import BACKENDS, get_backend
 from .sampling import sample_classes, sample_dims, step_generator
 
 _EPS = 1e-12  # norm floor of DESIGN.md section 2.5
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The scalar options of the loss, validated on construction."""
+
+    scale: float
+    margin: float
+    margin_type: str
+    margin_grad: str
+    class_sample_rate: float
+    dim_sample_rate: float
+    num_dims: int | None
+    ignore_index: int
+    backend: str
+
+    def __post_init__(self) -> None:
+        _checks.check_options(**asdict(self), backends=BACKENDS)
 
 
 def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -34,13 +54,7 @@ def _selected_loss(
     labels: Tensor,
     class_index: Tensor,
     dim_index: Tensor | None,
-    *,
-    scale: float,
-    margin: float,
-    margin_type: str,
-    margin_grad: str,
-    ignore_index: int,
-    backend: str,
+    opts: _Options,
 ) -> Tensor:
     """Gather the selection, normalise it and run the backend. Indices are sorted int64."""
     x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
@@ -51,12 +65,18 @@ def _selected_loss(
     acc = torch.float64 if compute == torch.float64 else torch.float32
     xn = F.normalize(x.to(acc), dim=1, eps=_EPS)
     wn = F.normalize(w.to(acc), dim=1, eps=_EPS)
-    ignored = labels == ignore_index
+    ignored = labels == opts.ignore_index
     column = torch.searchsorted(class_index, labels.masked_fill(ignored, 0).to(torch.int64))
     target = column.masked_fill(ignored, -1)
-    loss_fn = get_backend(backend, embeddings.device)
+    loss_fn = get_backend(opts.backend, embeddings.device)
     return loss_fn(
-        xn, wn, target, scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad,
+        xn,
+        wn,
+        target,
+        scale=opts.scale,
+        margin=opts.margin,
+        margin_type=opts.margin_type,
+        margin_grad=opts.margin_grad,
         compute_dtype=compute,
     )
 
@@ -105,10 +125,8 @@ def dual_partial_margin_loss(
         0-dim loss, the mean over non-ignored rows (fp32; fp64 for fp64 inputs); ``0``
         with zero gradients when every row is ignored.
     """
-    _checks.check_options(
-        scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad,
-        class_sample_rate=class_sample_rate, dim_sample_rate=dim_sample_rate, num_dims=num_dims,
-        ignore_index=ignore_index, backend=backend, backends=BACKENDS,
+    opts = _Options(
+        scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
     )
     _checks.check_inputs(embeddings, prototypes, labels, ignore_index=ignore_index, check_finite=check_finite)
     num_classes, dim = prototypes.shape
@@ -122,10 +140,7 @@ def dual_partial_margin_loss(
     else:
         k = _checks.num_selected_dims(dim, dim_sample_rate, num_dims)
         dim_index = sample_dims(dim, k, generator, embeddings.device) if k < dim else None
-    return _selected_loss(
-        embeddings, prototypes, labels, class_index, dim_index, scale=scale, margin=margin,
-        margin_type=margin_type, margin_grad=margin_grad, ignore_index=ignore_index, backend=backend,
-    )
+    return _selected_loss(embeddings, prototypes, labels, class_index, dim_index, opts)
 
 
 class DualPartialMarginLoss(nn.Module):
@@ -138,7 +153,8 @@ class DualPartialMarginLoss(nn.Module):
     ``state_dict``, so a resumed run samples exactly like an uninterrupted one. In
     eval mode the step does not advance. ``last_class_index`` (sorted class ids) and
     ``last_dim_index`` (sorted dims, ``None`` when all dims are kept) show the last
-    selection. See :func:`dual_partial_margin_loss` for the options.
+    selection; ``options`` holds the validated scalar options. See
+    :func:`dual_partial_margin_loss` for their meaning.
     """
 
     def __init__(
@@ -164,21 +180,12 @@ class DualPartialMarginLoss(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        _checks.check_options(
-            scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad,
-            class_sample_rate=class_sample_rate, dim_sample_rate=dim_sample_rate, num_dims=num_dims,
-            ignore_index=ignore_index, backend=backend, backends=BACKENDS,
+        self.options = _Options(
+            scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
         )
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.num_dims = _checks.num_selected_dims(embedding_dim, dim_sample_rate, num_dims)
-        self.scale = float(scale)
-        self.margin = float(margin)
-        self.margin_type = margin_type
-        self.margin_grad = margin_grad
-        self.class_sample_rate = float(class_sample_rate)
-        self.ignore_index = ignore_index
-        self.backend = backend
         self.check_finite = check_finite
         self.seed = seed
         self.step = 0
@@ -187,28 +194,23 @@ class DualPartialMarginLoss(nn.Module):
         self.last_dim_index: Tensor | None = None
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        opts = self.options
         _checks.check_inputs(
-            embeddings, self.weight, labels, ignore_index=self.ignore_index, check_finite=self.check_finite
+            embeddings, self.weight, labels, ignore_index=opts.ignore_index, check_finite=self.check_finite
         )
         device = embeddings.device
-        positives = _positives(labels, self.ignore_index)
-        class_index = sample_classes(
-            positives, self.num_classes, self.class_sample_rate, step_generator(self.seed, self.step, 0, device)
-        )
+        positives = _positives(labels, opts.ignore_index)
+        class_generator = step_generator(self.seed, self.step, 0, device)
+        class_index = sample_classes(positives, self.num_classes, opts.class_sample_rate, class_generator)
         dim_index = None
         if self.num_dims < self.embedding_dim:
             # Drawn on the CPU so every device (and every rank) derives the same subset.
-            dim_index = sample_dims(
-                self.embedding_dim, self.num_dims, step_generator(self.seed, self.step, 1), device
-            )
+            dim_generator = step_generator(self.seed, self.step, 1)
+            dim_index = sample_dims(self.embedding_dim, self.num_dims, dim_generator, device)
         self.last_class_index, self.last_dim_index = class_index, dim_index
         if self.training:
             self.step += 1
-        return _selected_loss(
-            embeddings, self.weight, labels, class_index, dim_index, scale=self.scale, margin=self.margin,
-            margin_type=self.margin_type, margin_grad=self.margin_grad, ignore_index=self.ignore_index,
-            backend=self.backend,
-        )
+        return _selected_loss(embeddings, self.weight, labels, class_index, dim_index, opts)
 
     def get_extra_state(self) -> dict:
         return {"step": self.step, "seed": self.seed}
@@ -218,9 +220,5 @@ class DualPartialMarginLoss(nn.Module):
         self.seed = int(state["seed"])
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, num_dims={self.num_dims}, "
-            f"scale={self.scale}, margin={self.margin}, margin_type={self.margin_type!r}, "
-            f"margin_grad={self.margin_grad!r}, class_sample_rate={self.class_sample_rate}, "
-            f"backend={self.backend!r}, step={self.step}"
-        )
+        opts = ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items())
+        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {opts}, step={self.step}"

@@ -9,7 +9,7 @@ column in ``wn`` or ``-1``.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
