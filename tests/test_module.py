@@ -41,9 +41,10 @@ def test_gradient_only_on_sampled_rows_and_dims(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_all_ignored_gives_zero_loss_and_grads(backend):
+@pytest.mark.parametrize("rate", [0.1, 0.001])
+def test_all_ignored_gives_zero_loss_and_grads(backend, rate):
     x, y = _batch()
-    crit = DualPartialMarginLoss(300, 24, backend=backend)
+    crit = DualPartialMarginLoss(300, 24, class_sample_rate=rate, backend=backend)
     loss = crit(x, torch.full_like(y, -1))
     loss.backward()
     assert loss.item() == 0.0

@@ -19,6 +19,11 @@ def test_sample_classes_properties(num_classes, rate, num_pos):
     assert int(index.min()) >= 0 and int(index.max()) < num_classes
 
 
+def test_sample_classes_never_empty():
+    index = sample_classes(torch.empty(0, dtype=torch.int64), 50, 0.001, torch.Generator().manual_seed(0))
+    assert index.numel() == 1 and 0 <= int(index) < 50
+
+
 def test_sample_classes_more_positives_than_rate():
     positives = torch.arange(0, 200, 2)
     index = sample_classes(positives, 1000, 0.05, torch.Generator().manual_seed(0))

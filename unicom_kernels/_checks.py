@@ -105,8 +105,10 @@ def check_inputs(
     *,
     ignore_index: int,
     check_finite: bool,
+    check_labels: bool = True,
 ) -> None:
-    """Check types, shapes, devices and label range; optionally that embeddings are finite.
+    """Check types, shapes, devices and (``check_labels``) the label range against
+    ``prototypes.shape[0]``; optionally that embeddings are finite.
 
     The label-range and finiteness checks read one value back to the host.
     """
@@ -135,35 +137,38 @@ def check_inputs(
         )
     num_classes = w.shape[0]
     bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
-    if bad.any():
+    if check_labels and bad.any():
         value = y[bad][0].item()
         raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}")
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or inf (pass check_finite=False to skip this check)")
 
 
-def _check_index(index: object, name: str, size: int, what: str, device: torch.device) -> Tensor:
+def _check_index(index: object, name: str, low: int, high: int, what: str, device: torch.device) -> Tensor:
     t = _check_integer_tensor(index, name)
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D tensor of {what}, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device} like the embeddings, got {t.device}")
-    if ((t < 0) | (t >= size)).any():
-        raise ValueError(f"{name} must hold {what} in [0, {size})")
+    if ((t < low) | (t >= high)).any():
+        raise ValueError(f"{name} must hold {what} in [{low}, {high})")
     if t.unique().numel() != t.numel():
         raise ValueError(f"{name} must not repeat an index")
-    return t.to(torch.int64)
+    return t.to(torch.int64).sort().values
 
 
-def check_class_index(class_index: object, num_classes: int, positives: Tensor) -> Tensor:
-    """Validate an explicit class selection; returns it sorted (int64)."""
-    index = _check_index(class_index, "class_index", num_classes, "class ids", positives.device).sort().values
-    if not torch.isin(positives, index).all():
-        missing = positives[~torch.isin(positives, index)][0].item()
-        raise ValueError(f"class_index must contain every label of the batch; label {missing} is missing")
+def check_class_index(class_index: object, positives: Tensor, start: int, stop: int) -> Tensor:
+    """Validate explicit global class ids (this rank's block is ``[start, stop)``) against the
+    local ``positives``; returns the sorted local ids (``class_index - start``)."""
+    index = _check_index(class_index, "class_index", start, stop, "class ids", positives.device) - start
+    missing = positives[~torch.isin(positives, index)]
+    if missing.numel():
+        raise ValueError(
+            f"class_index must contain every label of the batch; label {missing[0].item() + start} is missing"
+        )
     return index
 
 
 def check_dim_index(dim_index: object, dim: int, device: torch.device) -> Tensor:
     """Validate an explicit dimension selection; returns it sorted (int64)."""
-    return _check_index(dim_index, "dim_index", dim, "feature dims", device).sort().values
+    return _check_index(dim_index, "dim_index", 0, dim, "feature dims", device)

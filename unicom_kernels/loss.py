@@ -3,22 +3,29 @@
 Both do the same three things (DESIGN.md section 2): validate, pick the classes and
 dimensions of this step, then gather + normalise and hand the compact problem to a
 backend from :mod:`unicom_kernels.ops`. Autograd scatters the gradients of the
-gathered rows and columns back into the full prototype matrix.
+gathered rows and columns back into the full prototype matrix. With a process group
+the classes are sharded across ranks (:mod:`unicom_kernels.distributed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
-from .ops import BACKENDS, get_backend
+from . import distributed as _dist
+from .ops import BACKENDS, get_backend, mean_loss
 from .sampling import sample_classes, sample_dims, step_generator
 
 _EPS = 1e-12  # norm floor of DESIGN.md section 2.5
+
+# (local positives, block start, block size) -> sorted local class indices of the step.
+ClassChooser = Callable[[Tensor, int, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,17 +45,48 @@ class _Options:
     def __post_init__(self) -> None:
         _checks.check_options(**asdict(self), backends=BACKENDS)
 
+    def margin_kwargs(self) -> dict:
+        return {
+            "scale": self.scale,
+            "margin": self.margin,
+            "margin_type": self.margin_type,
+            "margin_grad": self.margin_grad,
+        }
+
 
 def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The lower precision of the two (ties go to ``a``): the GEMM operand dtype."""
     return b if torch.finfo(b).bits < torch.finfo(a).bits else a
 
 
-def _positives(labels: Tensor, ignore_index: int) -> Tensor:
-    return labels[labels != ignore_index].unique()
+def _local_positives(labels: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
+    """Sorted distinct labels in ``[start, stop)``, shifted to ``[0, stop - start)``."""
+    inside = (labels != ignore_index) & (labels >= start) & (labels < stop)
+    return labels[inside].unique() - start
 
 
-def _selected_loss(
+def _normalized(
+    embeddings: Tensor, prototypes: Tensor, class_index: Tensor, dim_index: Tensor | None
+) -> tuple[Tensor, Tensor, torch.dtype]:
+    """Gathered, dimension-selected, L2-normalised ``xn [N, k]``, ``wn [n, k]`` and the GEMM dtype."""
+    x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
+    w = prototypes.index_select(0, class_index)
+    if dim_index is not None:
+        w = w.index_select(1, dim_index)
+    compute = _compute_dtype(embeddings.dtype, prototypes.dtype)
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    return F.normalize(x.to(acc), dim=1, eps=_EPS), F.normalize(w.to(acc), dim=1, eps=_EPS), compute
+
+
+def _targets(labels: Tensor, class_index: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
+    """Column of each row's class in the sorted local ``class_index``; -1 when the row is
+    ignored or its class lies outside ``[start, stop)``."""
+    here = (labels != ignore_index) & (labels >= start) & (labels < stop)
+    local = (labels - start).masked_fill(~here, 0).to(torch.int64)
+    return torch.searchsorted(class_index, local).masked_fill(~here, -1)
+
+
+def _single_process_loss(
     embeddings: Tensor,
     prototypes: Tensor,
     labels: Tensor,
@@ -56,29 +94,66 @@ def _selected_loss(
     dim_index: Tensor | None,
     opts: _Options,
 ) -> Tensor:
-    """Gather the selection, normalise it and run the backend. Indices are sorted int64."""
-    x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
-    w = prototypes.index_select(0, class_index)
-    if dim_index is not None:
-        w = w.index_select(1, dim_index)
-    compute = _compute_dtype(embeddings.dtype, prototypes.dtype)
-    acc = torch.float64 if compute == torch.float64 else torch.float32
-    xn = F.normalize(x.to(acc), dim=1, eps=_EPS)
-    wn = F.normalize(w.to(acc), dim=1, eps=_EPS)
-    ignored = labels == opts.ignore_index
-    column = torch.searchsorted(class_index, labels.masked_fill(ignored, 0).to(torch.int64))
-    target = column.masked_fill(ignored, -1)
-    loss_fn = get_backend(opts.backend, embeddings.device)
-    return loss_fn(
-        xn,
-        wn,
-        target,
-        scale=opts.scale,
-        margin=opts.margin,
-        margin_type=opts.margin_type,
-        margin_grad=opts.margin_grad,
-        compute_dtype=compute,
-    )
+    xn, wn, compute = _normalized(embeddings, prototypes, class_index, dim_index)
+    target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
+    backend = get_backend(opts.backend, embeddings.device)
+    return mean_loss(backend, xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
+
+
+def _sharded_loss(
+    embeddings: Tensor,
+    shard: Tensor,
+    labels: Tensor,
+    opts: _Options,
+    group: dist.ProcessGroup,
+    *,
+    num_classes: int | None,
+    choose_dims: Callable[[], Tensor | None],
+    choose_classes: ClassChooser,
+    fingerprint: int,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The loss with classes sharded across ``group``; ``shard`` is this rank's ``[C_r, D]`` block.
+
+    Every check that could fail on one rank only is agreed on first, so all ranks raise
+    together. Returns ``(loss, local class_index, dim_index)``.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    error, info, dim_index = None, _dist.failed_info(), None
+    try:
+        _checks.check_inputs(
+            embeddings, shard, labels, ignore_index=opts.ignore_index, check_finite=False, check_labels=False
+        )
+        dim_index = choose_dims()
+        dims_digest = _dist.fingerprint(None if dim_index is None else dim_index.tolist())
+        info = _dist.local_info(
+            embeddings, shard.shape[0], labels, opts.ignore_index, fingerprint, dims_digest, check_finite
+        )
+    except (TypeError, ValueError) as exc:
+        error = exc
+    total = _dist.check_agreement(_dist.agree(group, info, error), num_classes, rank)
+    start, stop = _dist.class_range(total, rank, world)
+
+    all_labels = _dist.all_gather_labels(labels, group)
+    error, class_index = None, None
+    try:
+        positives = _local_positives(all_labels, opts.ignore_index, start, stop)
+        class_index = choose_classes(positives, start, stop - start)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _dist.agree(group, _dist.failed_info(), error)
+
+    # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
+    # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
+    gathered = _dist.all_gather_rows(embeddings, group, grad_scale=float(world))
+    xn, wn, compute = _normalized(gathered, shard, class_index, dim_index)
+    target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
+    backend = get_backend(opts.backend, embeddings.device)
+    if not hasattr(backend, "lse_and_target"):
+        raise NotImplementedError(f"backend {opts.backend!r} does not support process_group yet")
+    lse, z_t = backend.lse_and_target(xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
+    loss = _dist.global_loss(lse, z_t, all_labels != opts.ignore_index, group)
+    return loss, class_index + start, dim_index
 
 
 def dual_partial_margin_loss(
@@ -99,62 +174,92 @@ def dual_partial_margin_loss(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     check_finite: bool = True,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Margin softmax loss over a random subset of classes and feature dimensions.
 
     Args:
         embeddings: ``[B, D]`` fp32/fp16/bf16/fp64, not necessarily normalised.
-        prototypes: ``[C, D]`` class centres (fp32 master weights), not necessarily normalised.
-        labels: ``[B]`` integer class ids in ``[0, C)`` or ``ignore_index``.
+        prototypes: ``[C, D]`` class centres (fp32 master weights), not necessarily
+            normalised; with ``process_group``, this rank's ``[C_r, D]`` block of
+            :func:`~unicom_kernels.class_range` (``C`` is the sum over ranks).
+        labels: ``[B]`` integer global class ids in ``[0, C)`` or ``ignore_index``.
         scale, margin: ``s`` and ``m``.
         margin_type: ``"arcface"`` ``s*cos(acos(c)+m)``, ``"cosface"`` ``s*(c-m)`` or ``"none"``.
         margin_grad: ``"straight_through"`` (target gradient ``s*(p-1)`` as if no margin,
             insightface/UNICOM parity) or ``"exact"`` (true derivative).
         class_sample_rate: keep every class of the batch plus random negatives up to
-            ``int(rate * C)`` classes; ``1.0`` keeps all.
+            ``int(rate * C)`` classes (per rank: of its block); ``1.0`` keeps all.
         dim_sample_rate, num_dims: keep ``num_dims`` (or ``round(rate * D)``) random dims
             of both embeddings and prototypes before normalising; ``1.0`` keeps all.
-        class_index, dim_index: explicit selections (1-D int, distinct) that override the
-            samplers; ``class_index`` must contain every label of the batch.
+        class_index, dim_index: explicit selections (1-D int, distinct global ids) that
+            override the samplers; ``class_index`` must contain every label of the batch
+            (with ``process_group``: every label of the global batch inside this rank's block).
         ignore_index: label of rows that add nothing to loss or gradient.
-        generator: randomness for the samplers (classes are drawn first, then dims).
+        generator: randomness for the samplers (classes are drawn first, then dims). With
+            ``process_group`` the dims must come out equal on every rank: seed it alike.
         backend: ``"auto"`` (``"torch"`` here), ``"reference"`` or ``"torch"``.
         check_finite: reject non-finite embeddings (one host sync; turn off for speed).
+        process_group: shard the classes across this group's ranks (model parallel). The
+            embeddings are all-gathered; their gradient is reduce-scattered back and scaled
+            by the world size, so that DDP's gradient averaging yields the single-process step.
 
     Returns:
-        0-dim loss, the mean over non-ignored rows (fp32; fp64 for fp64 inputs); ``0``
-        with zero gradients when every row is ignored.
+        0-dim loss, the mean over non-ignored (global) rows (fp32; fp64 for fp64 inputs);
+        ``0`` with zero gradients when every row is ignored. Identical on every rank.
     """
     opts = _Options(
         scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
     )
-    _checks.check_inputs(embeddings, prototypes, labels, ignore_index=ignore_index, check_finite=check_finite)
-    num_classes, dim = prototypes.shape
-    positives = _positives(labels, ignore_index)
-    if class_index is None:
-        class_index = sample_classes(positives, num_classes, class_sample_rate, generator)
-    else:
-        class_index = _checks.check_class_index(class_index, num_classes, positives)
-    if dim_index is not None:
-        dim_index = _checks.check_dim_index(dim_index, dim, embeddings.device)
-    else:
+
+    def choose_dims() -> Tensor | None:
+        dim = embeddings.shape[1]
+        if dim_index is not None:
+            return _checks.check_dim_index(dim_index, dim, embeddings.device)
         k = _checks.num_selected_dims(dim, dim_sample_rate, num_dims)
-        dim_index = sample_dims(dim, k, generator, embeddings.device) if k < dim else None
-    return _selected_loss(embeddings, prototypes, labels, class_index, dim_index, opts)
+        return sample_dims(dim, k, generator, embeddings.device) if k < dim else None
+
+    def choose_classes(positives: Tensor, start: int, num_local: int) -> Tensor:
+        if class_index is None:
+            return sample_classes(positives, num_local, class_sample_rate, generator)
+        return _checks.check_class_index(class_index, positives, start, start + num_local)
+
+    if process_group is not None:
+        options_digest = _dist.fingerprint(asdict(opts), embeddings.dtype if isinstance(embeddings, Tensor) else None)
+        loss, _, _ = _sharded_loss(
+            embeddings,
+            prototypes,
+            labels,
+            opts,
+            process_group,
+            num_classes=None,
+            choose_dims=choose_dims,
+            choose_classes=choose_classes,
+            fingerprint=options_digest,
+            check_finite=check_finite,
+        )
+        return loss
+    _checks.check_inputs(embeddings, prototypes, labels, ignore_index=ignore_index, check_finite=check_finite)
+    num_classes = prototypes.shape[0]
+    positives = _local_positives(labels, ignore_index, 0, num_classes)
+    selected = choose_classes(positives, 0, num_classes)
+    return _single_process_loss(embeddings, prototypes, labels, selected, choose_dims(), opts)
 
 
 class DualPartialMarginLoss(nn.Module):
     """UNICOM's loss as a module that owns the class prototypes and the sampling stream.
 
-    ``criterion(embeddings [B, D], labels [B]) -> 0-dim loss``. ``weight`` is the
-    ``[num_classes, embedding_dim]`` fp32 prototype parameter, initialised N(0, 0.01).
-    Each call in training mode draws this step's classes and dims from
-    ``(seed, step)`` and advances ``step``; ``step`` and ``seed`` are saved in the
-    ``state_dict``, so a resumed run samples exactly like an uninterrupted one. In
-    eval mode the step does not advance. ``last_class_index`` (sorted class ids) and
-    ``last_dim_index`` (sorted dims, ``None`` when all dims are kept) show the last
-    selection; ``options`` holds the validated scalar options. See
-    :func:`dual_partial_margin_loss` for their meaning.
+    ``criterion(embeddings [B, D], labels [B]) -> 0-dim loss``. ``weight`` is the fp32
+    prototype parameter, initialised N(0, 0.01): ``[num_classes, embedding_dim]``, or with
+    ``process_group`` this rank's ``[C_r, embedding_dim]`` block of classes
+    ``class_range = (start, stop)``. Each call in training mode draws this step's classes
+    and dims from ``(seed, step)`` and advances ``step``; the dims come out identical on
+    every rank, the classes differ per rank. ``step`` and ``seed`` (and the shard's class
+    range) are saved in the ``state_dict``, so a resumed run samples exactly like an
+    uninterrupted one. In eval mode the step does not advance. ``last_class_index``
+    (sorted global class ids of this rank) and ``last_dim_index`` (sorted dims, ``None``
+    when all are kept) show the last selection; ``options`` holds the validated scalar
+    options. See :func:`dual_partial_margin_loss` for their meaning.
     """
 
     def __init__(
@@ -172,6 +277,7 @@ class DualPartialMarginLoss(nn.Module):
         backend: str = "auto",
         seed: int = 0,
         check_finite: bool = True,
+        process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -187,38 +293,82 @@ class DualPartialMarginLoss(nn.Module):
         self.embedding_dim = embedding_dim
         self.num_dims = _checks.num_selected_dims(embedding_dim, dim_sample_rate, num_dims)
         self.check_finite = check_finite
+        self.process_group = process_group
+        self.rank = 0 if process_group is None else dist.get_rank(process_group)
+        world = 1 if process_group is None else dist.get_world_size(process_group)
+        if num_classes < world:
+            raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({world})")
+        self.class_range = _dist.class_range(num_classes, self.rank, world)
         self.seed = seed
         self.step = 0
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device).normal_(0.0, 0.01))
+        rows = self.class_range[1] - self.class_range[0]
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device).normal_(0.0, 0.01))
         self.last_class_index: Tensor | None = None
         self.last_dim_index: Tensor | None = None
 
+    def _choose_dims(self, device: torch.device) -> Tensor | None:
+        if self.num_dims == self.embedding_dim:
+            return None
+        # Drawn on the CPU from (seed, step) alone: every device and every rank gets the same subset.
+        return sample_dims(self.embedding_dim, self.num_dims, step_generator(self.seed, self.step, 1), device)
+
+    def _choose_classes(self, positives: Tensor, start: int, num_local: int) -> Tensor:
+        # One stream per rank (stream 0 for rank 0, as in a single process).
+        generator = step_generator(self.seed, self.step, 2 * self.rank, positives.device)
+        return sample_classes(positives, num_local, self.options.class_sample_rate, generator)
+
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         opts = self.options
-        _checks.check_inputs(
-            embeddings, self.weight, labels, ignore_index=opts.ignore_index, check_finite=self.check_finite
-        )
-        device = embeddings.device
-        positives = _positives(labels, opts.ignore_index)
-        class_generator = step_generator(self.seed, self.step, 0, device)
-        class_index = sample_classes(positives, self.num_classes, opts.class_sample_rate, class_generator)
-        dim_index = None
-        if self.num_dims < self.embedding_dim:
-            # Drawn on the CPU so every device (and every rank) derives the same subset.
-            dim_generator = step_generator(self.seed, self.step, 1)
-            dim_index = sample_dims(self.embedding_dim, self.num_dims, dim_generator, device)
+        if self.process_group is None:
+            _checks.check_inputs(
+                embeddings, self.weight, labels, ignore_index=opts.ignore_index, check_finite=self.check_finite
+            )
+            positives = _local_positives(labels, opts.ignore_index, 0, self.num_classes)
+            class_index = self._choose_classes(positives, 0, self.num_classes)
+            dim_index = self._choose_dims(embeddings.device)
+            loss = _single_process_loss(embeddings, self.weight, labels, class_index, dim_index, opts)
+        else:
+            digest = _dist.fingerprint(
+                asdict(opts),
+                self.num_classes,
+                self.seed,
+                self.step,
+                self.training,
+                embeddings.dtype if isinstance(embeddings, Tensor) else None,
+            )
+            loss, class_index, dim_index = _sharded_loss(
+                embeddings,
+                self.weight,
+                labels,
+                opts,
+                self.process_group,
+                num_classes=self.num_classes,
+                choose_dims=lambda: self._choose_dims(embeddings.device),
+                choose_classes=self._choose_classes,
+                fingerprint=digest,
+                check_finite=self.check_finite,
+            )
         self.last_class_index, self.last_dim_index = class_index, dim_index
         if self.training:
             self.step += 1
-        return _selected_loss(embeddings, self.weight, labels, class_index, dim_index, opts)
+        return loss
 
     def get_extra_state(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
+        return {"step": self.step, "seed": self.seed, "num_classes": self.num_classes, "class_range": self.class_range}
 
     def set_extra_state(self, state: dict) -> None:
+        saved = (state.get("num_classes", self.num_classes), tuple(state.get("class_range", self.class_range)))
+        if saved != (self.num_classes, tuple(self.class_range)):
+            raise ValueError(
+                f"checkpoint holds classes {saved[1]} of {saved[0]}, but this rank owns {self.class_range} of "
+                f"{self.num_classes}: load each rank's own shard with the same world size"
+            )
         self.step = int(state["step"])
         self.seed = int(state["seed"])
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items())
-        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {opts}, step={self.step}"
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {opts}, "
+            f"class_range={self.class_range}, step={self.step}"
+        )

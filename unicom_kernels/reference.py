@@ -13,7 +13,7 @@ from torch import Tensor
 from .margin import target_logit
 
 
-def margin_softmax_loss(
+def lse_and_target(
     xn: Tensor,
     wn: Tensor,
     target: Tensor,
@@ -23,20 +23,21 @@ def margin_softmax_loss(
     margin_type: str,
     margin_grad: str,
     compute_dtype: torch.dtype,
-) -> Tensor:
-    """Mean margin-softmax loss over non-ignored rows.
+) -> tuple[Tensor, Tensor]:
+    """Per-row log-sum-exp over the columns of ``wn`` and the margined target logit.
 
     Args:
         xn: ``[N, k]`` L2-normalised embeddings (fp32 or fp64).
         wn: ``[n, k]`` L2-normalised sampled prototypes, same dtype as ``xn``.
-        target: ``[N]`` int64 column of each row's class in ``wn``; ``-1`` ignores the row.
+        target: ``[N]`` int64 column of each row's class in ``wn``; ``-1`` when the row is
+            ignored or its class is not among these columns (held by another rank).
         compute_dtype: dtype of the GEMM operands (the result is upcast to ``xn.dtype``).
 
     Returns:
-        0-dim loss in ``xn.dtype``; ``0`` when every row is ignored.
+        ``(lse [N], z_t [N])`` in ``xn.dtype``; ``z_t`` is 0 where ``target`` is ``-1``.
     """
     cos = (xn.to(compute_dtype) @ wn.to(compute_dtype).T).to(xn.dtype).clamp(-1.0, 1.0)
-    valid = target >= 0
+    has_target = target >= 0
     col = target.clamp_min(0).unsqueeze(1)
     cos_t = cos.gather(1, col).squeeze(1)
     z_t, dz_dc = target_logit(
@@ -44,6 +45,7 @@ def margin_softmax_loss(
     )
     # Value z_t with slope dz_dc: the margin's gradient mode in one expression.
     z_t = z_t + dz_dc * (cos_t - cos_t.detach())
+    # Rows without a target here write their own logit back: no change.
+    z_t = torch.where(has_target, z_t, scale * cos_t)
     logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))
-    per_row = torch.logsumexp(logits, dim=1) - z_t
-    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
+    return torch.logsumexp(logits, dim=1), torch.where(has_target, z_t, 0.0)

@@ -35,8 +35,12 @@ def _device_of(generator: torch.Generator | None, fallback: torch.device) -> tor
 
 
 def num_sampled_classes(num_positives: int, num_classes: int, rate: float) -> int:
-    """``max(|P|, int(rate * C))``: all positives, topped up with negatives to the rate."""
-    return max(num_positives, int(rate * num_classes))
+    """``max(|P|, int(rate * C), 1)``: all positives, topped up with negatives to the rate.
+
+    At least one class, so a batch (or a rank's block) without positives at a tiny rate
+    still yields a well-defined log-sum-exp instead of an empty set.
+    """
+    return max(num_positives, int(rate * num_classes), 1)
 
 
 def sample_classes(
@@ -51,7 +55,7 @@ def sample_classes(
         generator: source of randomness; its device is where the draw happens.
 
     Returns:
-        ``[n]`` int64 on ``positives.device``, sorted, ``n = max(P, int(rate * C))``.
+        ``[n]`` int64 on ``positives.device``, sorted, ``n = max(P, int(rate * C), 1)``.
     """
     device = positives.device
     if rate >= 1.0:

@@ -1,0 +1,198 @@
+"""Model parallelism across ranks (DESIGN.md section 2.1-2.8).
+
+Classes are block-sharded: rank ``r`` owns ``[start_r, stop_r)`` (:func:`class_range`).
+Per step the loss makes these collectives:
+
+1. ``agree``: one all-gather of a small int64 vector per rank (batch size, shapes,
+   options, dimension subset, label range, local errors), so that bad input or
+   mismatched configuration raises the same error on every rank instead of hanging;
+2. the labels, all-gathered (int64);
+3. the embeddings, all-gathered in their own dtype (autograd-aware: the backward
+   reduce-scatters the gradient to the owning rank);
+4. the per-row statistics ``(lse_r, z_t)``, one all-gather of ``[2, N]`` fp32, from which
+   every rank computes the identical global log-sum-exp and loss.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Fields of the agreement vector.
+_ERROR, _BATCH, _DIM, _ROWS, _NUM_CLASSES, _OPTIONS, _DIMS, _LABEL_MIN, _LABEL_MAX, _NONFINITE = range(10)
+_FIELDS = 10
+_UNKNOWN = -1
+
+# torch >= 2.12 renamed the single-tensor collectives; older releases (the GPU image) have the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of the classes rank ``rank`` owns: contiguous blocks, the first
+    ``num_classes % world_size`` ranks holding one more."""
+    base, extra = divmod(num_classes, world_size)
+    start = base * rank + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def comm_device(group: dist.ProcessGroup) -> torch.device:
+    """Where tensors for ``group``'s collectives must live (the current GPU for NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def fingerprint(*values: object) -> int:
+    """A stable 32-bit digest of ``repr(values)``, to compare configurations across ranks."""
+    return zlib.crc32(repr(values).encode())
+
+
+def agree(group: dist.ProcessGroup, info: list[int], error: Exception | None) -> Tensor:
+    """All-gather every rank's ``info`` (see the field names above); raise on every rank if
+    any rank reported ``error``. Returns ``[world, fields]`` int64 on the CPU."""
+    world = dist.get_world_size(group)
+    local = torch.tensor(info, dtype=torch.int64, device=comm_device(group))
+    local[_ERROR] = int(error is not None)
+    table = torch.empty(world * _FIELDS, dtype=torch.int64, device=local.device)
+    _all_gather(table, local, group=group)
+    table = table.view(world, _FIELDS).cpu()
+    if table[:, _ERROR].any():
+        # Every rank takes this branch, so the extra collective is matched everywhere.
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        raise ValueError("input rejected on another rank: " + "; ".join(f"rank {r}: {m}" for r, m in failed))
+    return table
+
+
+def check_agreement(table: Tensor, num_classes: int | None, rank: int) -> int:
+    """Check the gathered ``table``: equal batch sizes, dims and options, block-sharded
+    prototypes, labels in range, finite embeddings. Returns the total class count.
+
+    Raises the same ``ValueError`` on every rank (all ranks hold the same table).
+    """
+    world = table.shape[0]
+
+    def same(field: int, what: str) -> None:
+        values = table[:, field].tolist()
+        if len(set(values)) > 1:
+            raise ValueError(f"{what} must be equal on every rank, got {values} (ranks 0..{world - 1})")
+
+    same(_BATCH, "the local batch size (embeddings.shape[0])")
+    same(_DIM, "the embedding dim (embeddings.shape[1])")
+    same(_OPTIONS, "the loss options (scale, margin, types, rates, num_dims, ignore_index, backend, seed, step)")
+    same(_DIMS, "the dimension subset (dim_index or the dimension sampler's generator state)")
+    rows = table[:, _ROWS].tolist()
+    total = sum(rows) if num_classes is None else num_classes
+    expected = [b - a for a, b in (class_range(total, r, world) for r in range(world))]
+    if rows != expected:
+        raise ValueError(
+            f"prototypes must be the block shards of {total} classes, {expected} rows on ranks 0..{world - 1}; "
+            f"got {rows}"
+        )
+    for r, (lo, hi) in enumerate(table[:, [_LABEL_MIN, _LABEL_MAX]].tolist()):
+        if hi >= lo and (lo < 0 or hi >= total):
+            raise ValueError(
+                f"labels must be in [0, {total}) or equal ignore_index; rank {r} has {lo if lo < 0 else hi}"
+            )
+    bad = [r for r in range(world) if table[r, _NONFINITE]]
+    if bad:
+        raise ValueError(f"embeddings contain NaN or inf on rank(s) {bad} (check_finite=False skips this check)")
+    return total
+
+
+def local_info(
+    embeddings: Tensor,
+    prototype_rows: int,
+    labels: Tensor,
+    ignore_index: int,
+    options: int,
+    dims: int,
+    check_finite: bool,
+) -> list[int]:
+    """This rank's agreement vector (one host sync for the label range and finiteness)."""
+    valid = labels[labels != ignore_index]
+    summary = torch.stack(
+        [
+            valid.min() if valid.numel() else labels.new_tensor(1),
+            valid.max() if valid.numel() else labels.new_tensor(0),
+            (~torch.isfinite(embeddings).all()).to(labels.dtype) if check_finite else labels.new_tensor(0),
+        ]
+    ).tolist()
+    info = [0] * _FIELDS
+    info[_BATCH], info[_DIM] = embeddings.shape
+    info[_ROWS], info[_NUM_CLASSES], info[_OPTIONS], info[_DIMS] = prototype_rows, _UNKNOWN, options, dims
+    info[_LABEL_MIN], info[_LABEL_MAX], info[_NONFINITE] = summary
+    return info
+
+
+def failed_info() -> list[int]:
+    """The agreement vector of a rank whose local checks failed (its fields are unused)."""
+    return [_UNKNOWN] * _FIELDS
+
+
+def all_gather_labels(labels: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``[W * B]`` int64 labels of all ranks, in rank order (no gradient)."""
+    local = labels.to(device=comm_device(group), dtype=torch.int64).contiguous()
+    out = torch.empty(dist.get_world_size(group) * local.numel(), dtype=torch.int64, device=local.device)
+    _all_gather(out, local, group=group)
+    return out.to(labels.device)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0; the backward reduce-scatters (sums) the gradient back,
+    times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, grad_scale: float) -> Tensor:
+        ctx.group, ctx.grad_scale = group, grad_scale
+        world = dist.get_world_size(group)
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world = dist.get_world_size(ctx.group)
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        _reduce_scatter(out, grad.contiguous(), group=ctx.group)
+        return out * ctx.grad_scale, None, None
+
+
+def all_gather_rows(x: Tensor, group: dist.ProcessGroup, grad_scale: float = 1.0) -> Tensor:
+    """``[W * B, ...]`` rows of all ranks in rank order, differentiable (see :class:`_GatherRows`)."""
+    return _GatherRows.apply(x, group, grad_scale)
+
+
+class _GatherStats(torch.autograd.Function):
+    """All-gather of per-row statistics that every rank reduces identically.
+
+    Since every rank computes the same function of the gathered ``[W, ...]`` tensor, the
+    gradient with respect to this rank's piece is its own slice: no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x.contiguous(), group=group)
+        return out.view(world, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad[ctx.rank], None
+
+
+def global_loss(lse: Tensor, z_t: Tensor, valid: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Combine the per-rank ``lse [N]`` and ``z_t [N]`` (0 off the target's rank) into the
+    mean loss over ``valid`` rows; one collective, identical result on every rank."""
+    stats = _GatherStats.apply(torch.stack([lse, z_t]), group)  # [W, 2, N]
+    per_row = torch.logsumexp(stats[:, 0], dim=0) - stats[:, 1].sum(0)
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
