@@ -80,6 +80,8 @@ CONFIGS = [
         class_sample_rate=0.3,
         dim_sample_rate=0.5,
         dtype=torch.float32,
+        scale=16.0,
+        margin=0.4,
     ),
     dict(
         backend="reference",
@@ -88,6 +90,8 @@ CONFIGS = [
         class_sample_rate=1.0,
         dim_sample_rate=0.75,
         dtype=torch.float64,
+        scale=64.0,
+        margin=-0.2,
     ),
     dict(
         backend="torch",
@@ -96,6 +100,19 @@ CONFIGS = [
         class_sample_rate=0.1,
         dim_sample_rate=1.0,
         dtype=torch.float64,
+        scale=16.0,
+        margin=0.4,
+    ),
+    # s * (1 + m) > 300: the global log-sum-exp agrees on a row max first.
+    dict(
+        backend="torch",
+        margin_type="arcface",
+        margin_grad="straight_through",
+        class_sample_rate=0.5,
+        dim_sample_rate=1.0,
+        dtype=torch.float64,
+        scale=320.0,
+        margin=0.5,
     ),
 ]
 
@@ -109,7 +126,7 @@ def _scenario_match(rank, world, group):
         cfg = dict(cfg)
         dtype = cfg.pop("dtype")
         x, y, w = _global_data(world, num_classes, seed=i)
-        crit = DualPartialMarginLoss(num_classes, D, scale=16.0, margin=0.4, process_group=group, seed=5, **cfg)
+        crit = DualPartialMarginLoss(num_classes, D, process_group=group, seed=5, **cfg)
         crit.to(dtype)
         with torch.no_grad():
             crit.weight.copy_(w[start:stop])
@@ -169,8 +186,6 @@ def test_matches_single_process(tmp_path):
                     xs,
                     ws,
                     y,
-                    scale=16.0,
-                    margin=0.4,
                     class_index=class_index,
                     dim_index=dims,
                     **{k: v for k, v in cfg.items() if k not in ("class_sample_rate", "dim_sample_rate")},

@@ -9,8 +9,9 @@ Per step the loss makes these collectives:
 2. the labels, all-gathered (int64);
 3. the embeddings, all-gathered in their own dtype (autograd-aware: the backward
    reduce-scatters the gradient to the owning rank);
-4. the per-row statistics ``(lse_r, z_t)``, one all-gather of ``[2, N]`` fp32, from which
-   every rank computes the identical global log-sum-exp and loss.
+4. the per-row statistics ``(exp(lse_r - bound), z_t)``, one all-reduce of ``[2, N]`` fp64
+   (its size does not grow with the world size), from which every rank computes the
+   identical global log-sum-exp and loss.
 """
 
 from __future__ import annotations
@@ -170,29 +171,42 @@ def all_gather_rows(x: Tensor, group: dist.ProcessGroup, grad_scale: float = 1.0
     return _GatherRows.apply(x, group, grad_scale)
 
 
-class _GatherStats(torch.autograd.Function):
-    """All-gather of per-row statistics that every rank reduces identically.
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) of statistics that every rank then reduces identically.
 
-    Since every rank computes the same function of the gathered ``[W, ...]`` tensor, the
-    gradient with respect to this rank's piece is its own slice: no communication.
+    Every rank computes the same function of the sum, so the gradient with respect to
+    this rank's addend is the gradient of the sum itself: no communication backward.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.rank = dist.get_rank(group)
-        world = dist.get_world_size(group)
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        _all_gather(out, x.contiguous(), group=group)
-        return out.view(world, *x.shape)
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad[ctx.rank], None
+        return grad, None
 
 
-def global_loss(lse: Tensor, z_t: Tensor, valid: Tensor, group: dist.ProcessGroup) -> Tensor:
+# exp(-2 * 300) is far above fp64's smallest normal (1e-308); beyond it, agree on a row max.
+_FIXED_SHIFT_LIMIT = 300.0
+
+
+def global_loss(lse: Tensor, z_t: Tensor, valid: Tensor, logit_bound: float, group: dist.ProcessGroup) -> Tensor:
     """Combine the per-rank ``lse [N]`` and ``z_t [N]`` (0 off the target's rank) into the
-    mean loss over ``valid`` rows; one collective, identical result on every rank."""
-    stats = _GatherStats.apply(torch.stack([lse, z_t]), group)  # [W, 2, N]
-    per_row = torch.logsumexp(stats[:, 0], dim=0) - stats[:, 1].sum(0)
+    mean loss over ``valid`` rows, identical on every rank.
+
+    Every logit lies in ``[-logit_bound, logit_bound]``, so ``exp(lse_r - logit_bound)``
+    summed over ranks in fp64 is exact without a max pass: one all-reduce of ``[2, N]``
+    fp64, whatever the world size. Only for ``logit_bound > 300`` (where fp64 could
+    underflow) does a max all-reduce come first.
+    """
+    shift = torch.tensor(logit_bound, dtype=torch.float64, device=lse.device)
+    if logit_bound > _FIXED_SHIFT_LIMIT:
+        shift = lse.detach().to(torch.float64, copy=True)  # all_reduce works in place
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    local = torch.stack([(lse.to(torch.float64) - shift).exp(), z_t.to(torch.float64)])
+    total = _SumOverRanks.apply(local, group)
+    per_row = (total[0].log() + shift - total[1]).to(lse.dtype)
     return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)

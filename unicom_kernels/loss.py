@@ -152,7 +152,9 @@ def _sharded_loss(
     if not hasattr(backend, "lse_and_target"):
         raise NotImplementedError(f"backend {opts.backend!r} does not support process_group yet")
     lse, z_t = backend.lse_and_target(xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
-    loss = _dist.global_loss(lse, z_t, all_labels != opts.ignore_index, group)
+    # |z| <= s for every margin type with m >= 0; s * (1 + |m|) also covers negative margins.
+    logit_bound = opts.scale * (1.0 + abs(opts.margin))
+    loss = _dist.global_loss(lse, z_t, all_labels != opts.ignore_index, logit_bound, group)
     return loss, class_index + start, dim_index
 
 
