@@ -58,6 +58,7 @@ def _bad_tensor_cases():
         ("dim_index", ValueError, dict(dim_index=torch.tensor([D]))),
         ("dim_index", ValueError, dict(dim_index=torch.tensor([1, 1]))),
         ("dim_index", ValueError, dict(dim_index=torch.tensor([], dtype=torch.int64))),
+        ("backend", ValueError, dict(backend="triton", embeddings=x.double(), prototypes=w.double())),
     ]
 
 
@@ -87,7 +88,7 @@ BAD_OPTIONS = [
     ("num_dims", TypeError, dict(num_dims=2.5)),
     ("ignore_index", TypeError, dict(ignore_index=None)),
     ("backend", ValueError, dict(backend="cuda")),
-    ("backend", ValueError, dict(backend="triton")),
+    ("backend", ValueError, dict(backend="tpu")),
 ]
 
 
@@ -100,7 +101,7 @@ def test_bad_options(name, error, override):
 
 @pytest.mark.parametrize(
     "name,error,override",
-    BAD_OPTIONS[:-1]
+    BAD_OPTIONS
     + [
         ("num_classes", ValueError, dict(num_classes=0)),
         ("embedding_dim", ValueError, dict(embedding_dim=-3)),
@@ -111,6 +112,13 @@ def test_bad_module_options(name, error, override):
     args = dict(num_classes=C, embedding_dim=D) | override
     with pytest.raises(error, match=name):
         DualPartialMarginLoss(**args)
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, y = _inputs()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        dual_partial_margin_loss(x, w, y, backend="triton")
 
 
 def test_module_rejects_bad_call():

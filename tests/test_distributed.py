@@ -103,6 +103,16 @@ CONFIGS = [
         scale=16.0,
         margin=0.4,
     ),
+    dict(
+        backend="triton",  # interpreted on the CPU
+        margin_type="arcface",
+        margin_grad="exact",
+        class_sample_rate=0.5,
+        dim_sample_rate=0.5,
+        dtype=torch.float32,
+        scale=32.0,
+        margin=0.3,
+    ),
     # s * (1 + m) > 300: the global log-sum-exp agrees on a row max first.
     dict(
         backend="torch",

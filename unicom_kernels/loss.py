@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from . import distributed as _dist
-from .ops import BACKENDS, get_backend, mean_loss
+from .ops import BACKENDS, check_backend, get_backend, mean_loss
 from .sampling import sample_classes, sample_dims, step_generator
 
 _EPS = 1e-12  # norm floor of DESIGN.md section 2.5
@@ -59,6 +59,22 @@ def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return b if torch.finfo(b).bits < torch.finfo(a).bits else a
 
 
+def _check_tensors(
+    embeddings: Tensor, prototypes: Tensor, labels: Tensor, opts: _Options, check_finite: bool, sharded: bool = False
+) -> None:
+    """Input checks, then whether the backend can run them. Sharded: the label range and
+    finiteness are agreed across ranks instead (see :mod:`unicom_kernels.distributed`)."""
+    _checks.check_inputs(
+        embeddings,
+        prototypes,
+        labels,
+        ignore_index=opts.ignore_index,
+        check_finite=check_finite and not sharded,
+        check_labels=not sharded,
+    )
+    check_backend(opts.backend, embeddings.device, _compute_dtype(embeddings.dtype, prototypes.dtype))
+
+
 def _local_positives(labels: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
     """Sorted distinct labels in ``[start, stop)``, shifted to ``[0, stop - start)``."""
     inside = (labels != ignore_index) & (labels >= start) & (labels < stop)
@@ -96,7 +112,7 @@ def _single_process_loss(
 ) -> Tensor:
     xn, wn, compute = _normalized(embeddings, prototypes, class_index, dim_index)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
-    backend = get_backend(opts.backend, embeddings.device)
+    backend = get_backend(opts.backend, embeddings.device, compute)
     return mean_loss(backend, xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
 
 
@@ -121,9 +137,7 @@ def _sharded_loss(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     error, info, dim_index = None, _dist.failed_info(), None
     try:
-        _checks.check_inputs(
-            embeddings, shard, labels, ignore_index=opts.ignore_index, check_finite=False, check_labels=False
-        )
+        _check_tensors(embeddings, shard, labels, opts, check_finite, sharded=True)
         dim_index = choose_dims()
         dims_digest = _dist.fingerprint(None if dim_index is None else dim_index.tolist())
         info = _dist.local_info(
@@ -148,7 +162,7 @@ def _sharded_loss(
     gathered = _dist.all_gather_rows(embeddings, group, grad_scale=float(world))
     xn, wn, compute = _normalized(gathered, shard, class_index, dim_index)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
-    backend = get_backend(opts.backend, embeddings.device)
+    backend = get_backend(opts.backend, embeddings.device, compute)
     if not hasattr(backend, "lse_and_target"):
         raise NotImplementedError(f"backend {opts.backend!r} does not support process_group yet")
     lse, z_t = backend.lse_and_target(xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
@@ -241,7 +255,7 @@ def dual_partial_margin_loss(
             check_finite=check_finite,
         )
         return loss
-    _checks.check_inputs(embeddings, prototypes, labels, ignore_index=ignore_index, check_finite=check_finite)
+    _check_tensors(embeddings, prototypes, labels, opts, check_finite)
     num_classes = prototypes.shape[0]
     positives = _local_positives(labels, ignore_index, 0, num_classes)
     selected = choose_classes(positives, 0, num_classes)
@@ -322,9 +336,7 @@ class DualPartialMarginLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         opts = self.options
         if self.process_group is None:
-            _checks.check_inputs(
-                embeddings, self.weight, labels, ignore_index=opts.ignore_index, check_finite=self.check_finite
-            )
+            _check_tensors(embeddings, self.weight, labels, opts, self.check_finite)
             positives = _local_positives(labels, opts.ignore_index, 0, self.num_classes)
             class_index = self._choose_classes(positives, 0, self.num_classes)
             dim_index = self._choose_dims(embeddings.device)

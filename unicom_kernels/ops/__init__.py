@@ -15,6 +15,7 @@ margin_type, margin_grad, compute_dtype`` (the GEMM operand dtype). A backend mo
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -23,21 +24,34 @@ from torch import Tensor
 _BACKENDS = {
     "reference": "unicom_kernels.reference",
     "torch": "unicom_kernels.ops.torch_chunked",
+    "triton": "unicom_kernels.ops.triton_op",
 }
 
 BACKENDS = ("auto", *_BACKENDS)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend ``"auto"`` stands for on ``device``; other names pass through."""
+def resolve_backend(name: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> str:
+    """The backend ``"auto"`` stands for: ``triton`` for CUDA tensors (fp64 aside), else ``torch``."""
     if name != "auto":
         return name
-    return "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
+    return "triton" if device.type == "cuda" and compute_dtype != torch.float64 else "torch"
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
-    """The module of backend ``name`` (``"auto"`` resolved for ``device``)."""
-    return importlib.import_module(_BACKENDS[resolve_backend(name, device)])
+def check_backend(name: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` (naming ``backend``) if ``name`` cannot run these inputs."""
+    if resolve_backend(name, device, compute_dtype) != "triton":
+        return
+    if compute_dtype == torch.float64:
+        raise ValueError("backend='triton' runs fp32/fp16/bf16; use backend='torch' or 'auto' for float64 inputs")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got {device} (set TRITON_INTERPRET=1 to interpret it on the CPU)"
+        )
+
+
+def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> ModuleType:
+    """The module of backend ``name`` (``"auto"`` resolved for ``device`` and ``compute_dtype``)."""
+    return importlib.import_module(_BACKENDS[resolve_backend(name, device, compute_dtype)])
 
 
 def mean_loss(backend: ModuleType, xn: Tensor, wn: Tensor, target: Tensor, **kwargs) -> Tensor:

@@ -39,7 +39,7 @@ class _Problem:
         self.col = target.clamp_min(0)
         raw_t = (self.x * self.w[self.col]).sum(1)
         self.z_t, dz_dc = target_logit(raw_t.clamp(-1.0, 1.0), scale=scale, **margin_args)
-        self.dz_dc = dz_dc * (raw_t.abs() <= 1.0)  # torch.clamp's gradient mask
+        self.dz_dc = dz_dc * (raw_t.abs() < 1.0)  # torch.clamp's gradient mask: zero at +-1
 
     def run(self, lse_weight: Tensor | None = None, target_weight: Tensor | None = None):
         """One pass over row chunks: per-row log-sum-exp and, given the weights, the gradients.
@@ -60,7 +60,7 @@ class _Problem:
             ar = torch.arange(rows.stop - r0, device=x.device)[has_t]
             c = self.col[rows][has_t]
             logits = x[rows] @ w.T
-            outside = (logits > 1.0).logical_or_(logits < -1.0)  # no fp32 temporary
+            outside = (logits >= 1.0).logical_or_(logits <= -1.0)  # clamp's gradient mask; no fp32 temp
             logits.clamp_(-1.0, 1.0).mul_(scale)
             logits[ar, c] = self.z_t[rows][has_t]
             # Log-sum-exp by hand so the exponentials are computed once and reused as p.

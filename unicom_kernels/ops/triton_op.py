@@ -1,0 +1,308 @@
+"""The ``triton`` backend: fused kernels behind PyTorch custom ops.
+
+It exports both entry points of the backend contract (:mod:`unicom_kernels.ops`):
+:func:`margin_softmax_loss` (single process: the fused mean loss) and
+:func:`lse_and_target` (per-row statistics for a loss whose classes are split over ranks).
+
+Custom ops, so that ``torch.compile`` traces through (each op is one opaque node with a
+fake implementation giving its output shapes) and autograd works in eager and compiled
+code alike:
+
+- ``unicom_kernels::triton_margin_softmax(xn, wn, target, scale, margin, margin_type,
+  margin_grad, compute_dtype) -> (loss, lse, tcoef)``: the mean loss. ``lse`` and
+  ``tcoef = (p_t - 1) dz_t/dc`` (``[N]`` fp32, 0 for ignored rows) serve the backward; they
+  are non-differentiable and :func:`margin_softmax_loss` returns only ``loss``.
+- ``unicom_kernels::triton_lse_and_target(...same...) -> (lse, z_t, dz_dc)``: per-row
+  log-sum-exp and margined target logit (0 without a target); ``dz_dc`` is for the backward.
+- ``unicom_kernels::triton_margin_softmax_backward(xn, wn, target, lse, rowscale, tcoef,
+  gscale, scale, compute_dtype) -> (grad_xn, grad_wn)``: shared by both (see
+  :func:`unicom_kernels.triton.margin_softmax_backward` for the arguments).
+
+The forward casts ``xn``/``wn`` to the compute dtype once (``k`` zero-padded to a multiple
+of 16), computes each row's raw target cosine with a row-wise dot (fp32 products of the
+compute-dtype values: the idea of CCE's ``indexed_dot``) and the formulas of
+:func:`unicom_kernels.margin.target_logit` for ``z_t`` and ``dz/dc`` per row (one small
+kernel, :mod:`unicom_kernels.triton.target_logit`), and hands these to the fused kernels,
+which substitute the target entry. Forward launches: 2 casts + 4 kernels. The backward recasts the
+operands (cheaper than keeping copies alive between the passes); for bf16 it holds the
+bf16-rounded values in fp16 (see :func:`_backward_storage`).
+
+Memory beyond inputs and gradients: the compute-dtype copies of ``xn``/``wn``; forward
+``8 * S * N`` bytes of LSE partials (:mod:`unicom_kernels.triton.lse_forward`); backward
+``N * chunk * itemsize`` bytes of workspace (``<= Configs.workspace_bytes``, 32 MiB; see
+:mod:`unicom_kernels.triton.backward`) plus ``O(N + n)`` index vectors. Nothing of size
+``N * n`` in fp32. No host synchronisation: every data-dependent quantity (counts, sort
+order, scales) stays on the device, and Python control flow depends on shapes only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_logit
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _prepare(
+    xn: Tensor, wn: Tensor, compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Contiguous copies rounded to ``compute_dtype`` (held in ``storage_dtype``), ``k`` padded to 16.
+
+    Zero columns change no dot product; they give every row a 32-byte aligned stride and the
+    kernels a ``k`` divisible by 16, which Triton needs to vectorise the loads and pipeline
+    the K loop (it specialises integer arguments on divisibility by 16).
+    """
+    storage_dtype = storage_dtype or compute_dtype
+    k = xn.shape[1]
+    xr, wr = xn.to(compute_dtype), wn.to(compute_dtype)
+    if k % 16 == 0:
+        return xr.to(storage_dtype).contiguous(), wr.to(storage_dtype).contiguous()
+    k_pad = -(-k // 16) * 16
+    xc = xn.new_zeros((xn.shape[0], k_pad), dtype=storage_dtype)
+    wc = wn.new_zeros((wn.shape[0], k_pad), dtype=storage_dtype)
+    xc[:, :k] = xr
+    wc[:, :k] = wr
+    return xc, wc
+
+
+def _backward_storage(compute_dtype: torch.dtype) -> torch.dtype:
+    """Operand dtype of the backward kernels: fp16 for bf16 compute, else the compute dtype.
+
+    The backward multiplies the softmax gradient (stored in the workspace, bounded by ``s``)
+    with the operands. bf16 keeps 8 bits of it, fp16 11. Normalised bf16 operands are
+    exactly representable in fp16 (every component of magnitude >= 2^-14; smaller ones move
+    by < 3e-8, far below fp32 accumulation error), so the bf16 problem runs unchanged on fp16
+    tensor cores, at the same speed, with an 8x finer gradient workspace.
+    """
+    return torch.float16 if compute_dtype == torch.bfloat16 else compute_dtype
+
+
+def _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype):
+    """Shared forward: ``(lse, row_loss, tcoef, z_t, dz_dc)``, all ``[N]`` fp32."""
+    xc, wc = _prepare(xn, wn, compute_dtype)
+    # The formulas of unicom_kernels.margin.target_logit, fused with the target cosine.
+    z_t, dz_dc = target_logit(
+        xc, wc, target, scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad
+    )
+    lse, row_loss, tcoef = lse_forward(xc, wc, target, z_t, dz_dc, scale)
+    return lse, row_loss, tcoef, z_t, dz_dc
+
+
+# --------------------------------------------------------------------------- backward op
+
+
+@torch.library.custom_op("unicom_kernels::triton_margin_softmax_backward", mutates_args=())
+def _backward_op(
+    xn: Tensor,
+    wn: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    rowscale: Tensor,
+    tcoef: Tensor,
+    gscale: Tensor,
+    scale: float,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    xc, wc = _prepare(xn, wn, compute_dtype, _backward_storage(compute_dtype))
+    grad_x, grad_w = margin_softmax_backward(xc, wc, target, lse, rowscale, tcoef, gscale, scale)
+    k = xn.shape[1]
+    return grad_x[:, :k].to(xn.dtype).contiguous(), grad_w[:, :k].to(wn.dtype).contiguous()
+
+
+@_backward_op.register_fake
+def _backward_fake(xn, wn, target, lse, rowscale, tcoef, gscale, scale, compute_dtype):
+    return torch.empty_like(xn), torch.empty_like(wn)
+
+
+def _grads(ctx, rowscale: Tensor, tcoef: Tensor, gscale: Tensor):
+    """The autograd return tuple of both forward ops (8 inputs, only xn/wn differentiable)."""
+    xn, wn, target, lse = ctx.saved_tensors[:4]
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x, grad_w = _backward_op(
+            xn, wn, target, lse, rowscale, tcoef, gscale.reshape(()), ctx.scale, ctx.compute_dtype
+        )
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        grad_w if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+# --------------------------------------------------------------------------- mean loss op
+
+
+@torch.library.custom_op("unicom_kernels::triton_margin_softmax", mutates_args=())
+def _loss_op(
+    xn: Tensor,
+    wn: Tensor,
+    target: Tensor,
+    scale: float,
+    margin: float,
+    margin_type: str,
+    margin_grad: str,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lse, row_loss, tcoef, _, _ = _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype)
+    loss, _count = mean_loss(row_loss, target)
+    return loss, lse, tcoef
+
+
+@_loss_op.register_fake
+def _loss_fake(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype):
+    N = xn.shape[0]
+    return (
+        xn.new_empty((), dtype=torch.float32),
+        xn.new_empty((N,), dtype=torch.float32),
+        xn.new_empty((N,), dtype=torch.float32),
+    )
+
+
+def _loss_setup(ctx, inputs, output) -> None:
+    xn, wn, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
+    _loss, lse, tcoef = output
+    ctx.mark_non_differentiable(lse, tcoef)
+    ctx.save_for_backward(xn, wn, target, lse, tcoef)
+    ctx.scale = scale
+    ctx.compute_dtype = compute_dtype
+
+
+def _loss_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_tcoef):
+    target, tcoef = ctx.saved_tensors[2], ctx.saved_tensors[4]
+    # dL/dLSE_i = g / count for rows with a target, 0 otherwise: A = g / count, r_i = valid_i.
+    valid = target >= 0
+    gscale = grad_loss.to(torch.float32) / valid.sum().clamp_min(1).to(torch.float32)
+    return _grads(ctx, valid.to(torch.float32), tcoef * gscale, gscale)
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+# --------------------------------------------------------------------------- per-row statistics op
+
+
+@torch.library.custom_op("unicom_kernels::triton_lse_and_target", mutates_args=())
+def _stats_op(
+    xn: Tensor,
+    wn: Tensor,
+    target: Tensor,
+    scale: float,
+    margin: float,
+    margin_type: str,
+    margin_grad: str,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lse, _, _, z_t, dz_dc = _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype)
+    return lse, torch.where(target >= 0, z_t, 0.0), dz_dc
+
+
+@_stats_op.register_fake
+def _stats_fake(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype):
+    N = xn.shape[0]
+    return tuple(xn.new_empty((N,), dtype=torch.float32) for _ in range(3))
+
+
+def _stats_setup(ctx, inputs, output) -> None:
+    xn, wn, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
+    lse, z_t, dz_dc = output
+    ctx.mark_non_differentiable(dz_dc)
+    ctx.save_for_backward(xn, wn, target, lse, z_t, dz_dc)
+    ctx.scale = scale
+    ctx.compute_dtype = compute_dtype
+
+
+def _stats_backward(ctx, grad_lse: Tensor | None, grad_zt: Tensor | None, _grad_dzdc):
+    target, lse, z_t, dz_dc = ctx.saved_tensors[2:]
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
+    grad_zt = torch.zeros_like(lse) if grad_zt is None else grad_zt.to(torch.float32)
+    has_target = target >= 0
+    # dL/dz_t = dL/dLSE * p_t + dL/dz_t(output); times dz_t/dc for dL/dc_t.
+    tcoef = torch.where(has_target, (grad_lse * torch.exp(z_t - lse) + grad_zt) * dz_dc, 0.0)
+    # A = max |a_i| keeps the workspace in [-s, s]; the floor avoids 0/0 when a = 0.
+    gscale = grad_lse.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return _grads(ctx, grad_lse / gscale, tcoef, gscale)
+
+
+_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def _check(xn: Tensor, wn: Tensor, target: Tensor, compute_dtype: torch.dtype) -> None:
+    if compute_dtype not in _SUPPORTED:
+        raise ValueError(
+            f"compute_dtype must be one of torch.float32, torch.float16, torch.bfloat16 for the "
+            f"triton backend, got {compute_dtype}; use backend='torch' for float64"
+        )
+    if xn.dim() != 2 or wn.dim() != 2 or xn.shape[1] != wn.shape[1] or target.shape != (xn.shape[0],):
+        raise ValueError(
+            f"expected xn [N, k], wn [n, k], target [N]; got {tuple(xn.shape)}, {tuple(wn.shape)}, "
+            f"{tuple(target.shape)}"
+        )
+
+
+def margin_softmax_loss(
+    xn: Tensor,
+    wn: Tensor,
+    target: Tensor,
+    *,
+    scale: float,
+    margin: float,
+    margin_type: str,
+    margin_grad: str,
+    compute_dtype: torch.dtype,
+) -> Tensor:
+    """Mean margin-softmax loss over the rows with a target, with fused Triton kernels.
+
+    Args:
+        xn: ``[N, k]`` L2-normalised embeddings (fp32; fp16/bf16 accepted).
+        wn: ``[n, k]`` L2-normalised sampled prototypes (fp32; fp16/bf16 accepted).
+        target: ``[N]`` int64 column of each row's label in ``wn``, ``-1`` for an ignored row.
+        scale, margin, margin_type, margin_grad: see :func:`unicom_kernels.margin.target_logit`.
+        compute_dtype: GEMM operand dtype (fp32, fp16 or bf16); accumulation is fp32. fp32
+            follows ``torch.get_float32_matmul_precision()`` ("highest": exact, else tf32).
+
+    Returns:
+        The 0-dim fp32 loss (``0`` with zero gradients when every row is ignored). The
+        backward returns gradients for ``xn`` and ``wn`` in their own dtypes.
+
+    Raises:
+        ValueError: ``compute_dtype`` is not fp32/fp16/bf16 (fp64 is the ``torch`` backend's),
+            or the shapes do not match.
+    """
+    _check(xn, wn, target, compute_dtype)
+    loss, _lse, _tcoef = _loss_op(xn, wn, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
+    return loss
+
+
+def lse_and_target(
+    xn: Tensor,
+    wn: Tensor,
+    target: Tensor,
+    *,
+    scale: float,
+    margin: float,
+    margin_type: str,
+    margin_grad: str,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Per-row log-sum-exp over the columns of ``wn`` and the margined target logit, fused.
+
+    Args: as :func:`margin_softmax_loss`; ``target`` is ``-1`` where the row is ignored or
+    its class is not among these columns (held by another rank).
+
+    Returns:
+        ``(lse [N], z_t [N])`` fp32, differentiable w.r.t. ``xn`` and ``wn``; ``z_t`` is 0 where
+        ``target`` is ``-1`` (and ``lse`` then covers all columns, with no margin).
+    """
+    _check(xn, wn, target, compute_dtype)
+    lse, z_t, _dz_dc = _stats_op(xn, wn, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
+    return lse, z_t

@@ -1,0 +1,28 @@
+"""Triton kernels of the fused margin-softmax loss (see :mod:`unicom_kernels.ops.triton_op`).
+
+Kernel families, one per module:
+
+- :mod:`.target_logit`: each row's target cosine and margined target logit.
+- :mod:`.lse_forward`: cosine GEMM + margin substitution + online log-sum-exp (forward).
+- :mod:`.softmax_grad`: logit recompute + softmax gradient into a bounded workspace.
+- :mod:`.grad_gemm`: the ``G @ W`` and ``G^T @ X`` GEMMs with the fp32 target term.
+
+:mod:`.backward` chains the backward kernels over class chunks; :mod:`.configs` holds the
+block configurations (and :func:`.configs.override_configs` for tests).
+"""
+
+from .backward import margin_softmax_backward
+from .configs import Configs, TileConfig, get_configs, override_configs
+from .lse_forward import lse_forward, mean_loss
+from .target_logit import target_logit
+
+__all__ = [
+    "Configs",
+    "TileConfig",
+    "get_configs",
+    "lse_forward",
+    "margin_softmax_backward",
+    "mean_loss",
+    "override_configs",
+    "target_logit",
+]

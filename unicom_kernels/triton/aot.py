@@ -1,0 +1,331 @@
+"""Ahead-of-time compilation of every kernel for real GPUs, without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to
+PTX and a cubin on any machine; this module does it for every kernel specialisation the
+launchers use on a GPU (the :data:`~.configs.GPU_CONFIGS` tiles, each operand dtype, each
+``tl.dot`` precision) and reads what the compiler produced: shared memory, registers,
+spills (``cuobjdump`` from Triton's package on the cubin) and whether the sm_90 PTX uses
+``wgmma``. ``tests/test_triton_compile.py`` and ``benchmarks/kernel_report.py`` use it.
+
+It must run with ``TRITON_INTERPRET`` unset or 0 (``@triton.jit`` then yields compilable
+kernels), hence the command-line form: ``python -m unicom_kernels.triton.aot --arch 80 90``
+prints one JSON object per compiled kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from .configs import GPU_CONFIGS, Configs, TileConfig
+from .grad_gemm import _grad_w_kernel, _grad_x_kernel
+from .lse_forward import SUPPORTS_FLATTEN, _loss_finalize_kernel, _lse_combine_kernel, _lse_partial_kernel
+from .softmax_grad import _softmax_grad_kernel
+from .target_logit import _target_logit_kernel
+
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+# (operand dtype, tl.dot input precision): what dot_precision() can pick on a GPU.
+VARIANTS = (
+    (torch.bfloat16, "ieee"),
+    (torch.float16, "ieee"),
+    (torch.float32, "ieee"),
+    (torch.float32, "tf32"),
+)
+
+
+_DIVISIBLE_BY_16 = ("N", "K", "col0", "chunk_pad")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One kernel specialisation: the kernel, its argument types, its constexprs, its launch."""
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+
+
+def _tile_constexprs(tile: TileConfig, precision: str) -> dict[str, object]:
+    return dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, UPCAST=False, DOT_PRECISION=precision)
+
+
+def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
+    """Every specialisation the launchers compile on a GPU with ``configs``."""
+    i32, f32p, i64p = "i32", "*fp32", "*i64"
+    for dtype, precision in variants:
+        p = _PTR[dtype]
+        tag = f"{str(dtype).removeprefix('torch.')}-{precision}"
+        fp32 = dtype == torch.float32
+        t = configs.tile("lse", precision, fp32)
+        for flatten in (True, False) if SUPPORTS_FLATTEN else (False,):
+            yield Spec(
+                f"lse_partial[{tag},flatten={int(flatten)}]",
+                _lse_partial_kernel,
+                dict(
+                    x_ptr=p,
+                    w_ptr=p,
+                    target_ptr=i64p,
+                    zt_ptr=f32p,
+                    max_ptr=f32p,
+                    sum_ptr=f32p,
+                    N=i32,
+                    n=i32,
+                    K=i32,
+                    stride_x=i32,
+                    stride_w=i32,
+                    tiles_per_split=i32,
+                    scale="fp32",
+                ),
+                dict(FLATTEN=flatten, **_tile_constexprs(t, precision)),
+                t.num_warps,
+                t.num_stages,
+            )
+        t = configs.tile("grad_logits", precision, fp32)
+        yield Spec(
+            f"softmax_grad[{tag}]",
+            _softmax_grad_kernel,
+            dict(
+                x_ptr=p,
+                w_ptr=p,
+                target_ptr=i64p,
+                lse_ptr=f32p,
+                rowscale_ptr=f32p,
+                g_ptr=p,
+                N=i32,
+                n=i32,
+                K=i32,
+                col0=i32,
+                chunk_pad=i32,
+                stride_x=i32,
+                stride_w=i32,
+                stride_g=i32,
+                scale="fp32",
+            ),
+            _tile_constexprs(t, precision),
+            t.num_warps,
+            t.num_stages,
+        )
+        t = configs.tile("grad_x", precision, fp32)
+        for first, last in ((True, True), (True, False), (False, False), (False, True)):
+            yield Spec(
+                f"grad_x[{tag},first={int(first)},last={int(last)}]",
+                _grad_x_kernel,
+                dict(
+                    g_ptr=p,
+                    w_ptr=p,
+                    out_ptr=f32p,
+                    target_ptr=i64p,
+                    tcoef_ptr=f32p,
+                    gscale_ptr=f32p,
+                    N=i32,
+                    K=i32,
+                    col0=i32,
+                    chunk=i32,
+                    chunk_pad=i32,
+                    stride_g=i32,
+                    stride_w=i32,
+                    stride_out=i32,
+                ),
+                dict(FIRST=first, LAST=last, **_tile_constexprs(t, precision)),
+                t.num_warps,
+                t.num_stages,
+            )
+        t = configs.tile("grad_w", precision, fp32)
+        yield Spec(
+            f"grad_w[{tag}]",
+            _grad_w_kernel,
+            dict(
+                g_ptr=p,
+                x_ptr=p,
+                out_ptr=f32p,
+                order_ptr=i64p,
+                class_start_ptr=i64p,
+                target_ptr=i64p,
+                tcoef_ptr=f32p,
+                gscale_ptr=f32p,
+                N=i32,
+                K=i32,
+                col0=i32,
+                chunk=i32,
+                chunk_pad=i32,
+                stride_g=i32,
+                stride_x=i32,
+                stride_out=i32,
+            ),
+            _tile_constexprs(t, precision),
+            t.num_warps,
+            t.num_stages,
+        )
+    for dtype, _ in variants[:3]:
+        for margin_code in (0, 1, 2):
+            yield Spec(
+                f"target_logit[{str(dtype).removeprefix('torch.')},margin={margin_code}]",
+                _target_logit_kernel,
+                dict(
+                    x_ptr=_PTR[dtype],
+                    w_ptr=_PTR[dtype],
+                    target_ptr=i64p,
+                    zt_ptr=f32p,
+                    dzdc_ptr=f32p,
+                    N=i32,
+                    K=i32,
+                    stride_x=i32,
+                    stride_w=i32,
+                    scale="fp32",
+                    margin="fp32",
+                    cos_m="fp32",
+                    sin_m="fp32",
+                    sin_floor="fp32",
+                ),
+                dict(MARGIN=margin_code, EXACT=True, BLOCK_M=32, BLOCK_K=128),
+                4,
+                1,
+            )
+    yield Spec(
+        "loss_finalize",
+        _loss_finalize_kernel,
+        dict(row_loss_ptr=f32p, target_ptr=i64p, loss_ptr=f32p, count_ptr=f32p, N=i32),
+        dict(BLOCK=1024),
+        4,
+        1,
+    )
+    yield Spec(
+        "lse_combine",
+        _lse_combine_kernel,
+        dict(
+            max_ptr=f32p,
+            sum_ptr=f32p,
+            target_ptr=i64p,
+            zt_ptr=f32p,
+            dzdc_ptr=f32p,
+            lse_ptr=f32p,
+            row_loss_ptr=f32p,
+            tcoef_ptr=f32p,
+            N=i32,
+            S=i32,
+        ),
+        dict(BLOCK=configs.combine_block),
+        4,
+        1,
+    )
+
+
+def compile_spec(spec: Spec, arch: int):
+    """``triton.compile`` one specialisation for ``sm_<arch>``; returns the CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = spec.fn
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("kernels are interpreted: run with TRITON_INTERPRET unset or 0")
+    signature = dict(spec.signature)
+    for name in spec.constexprs:
+        signature[name] = "constexpr"
+    signature = {name: signature[name] for name in fn.arg_names}
+    # What the JIT infers at run time: 16-byte aligned pointers, and integers that the
+    # launchers keep divisible by 16 (padded k, strides, chunk starts and padded extents,
+    # N in every realistic batch). This matters: a mask along the contiguous dimension
+    # that is not constant over 16 elements stops vectorisation and software pipelining.
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or name.startswith("stride") or name in _DIVISIBLE_BY_16
+    }
+    source = ASTSource(fn=fn, signature=signature, constexprs=spec.constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    return triton.compile(source, target=target, options=options)
+
+
+def cuobjdump_path() -> str | None:
+    """The ``cuobjdump`` shipped in Triton's NVIDIA backend, else one on ``PATH``."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if bundled.exists():
+        return str(bundled)
+    return shutil.which("cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers, stack and local (spill) bytes of a cubin, from ``cuobjdump --dump-resource-usage``."""
+    tool = cuobjdump_path()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", out)
+        if match:
+            usage[key.lower()] = int(match.group(1))
+    return usage
+
+
+def report(spec: Spec, arch: int) -> dict[str, object]:
+    """Compile ``spec`` for ``sm_<arch>`` and summarise the result."""
+    kernel = compile_spec(spec, arch)
+    ptx = kernel.asm["ptx"]
+    usage = resource_usage(kernel.asm["cubin"])
+    return dict(
+        kernel=spec.name,
+        arch=f"sm_{arch}",
+        num_warps=spec.num_warps,
+        num_stages=spec.num_stages,
+        shared_bytes=int(kernel.metadata.shared),
+        registers=usage.get("reg"),
+        stack_bytes=usage.get("stack"),
+        local_bytes=usage.get("local"),
+        wgmma="wgmma" in ptx,
+        mma="mma.sync" in ptx,
+        # Software pipelining of the K loop shows as asynchronous global->shared copies.
+        pipelined="cp.async" in ptx,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--block", type=int, default=None, help="override every tile to BLOCK^3 (4 warps)")
+    parser.add_argument("--filter", default="", help="only kernels whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    configs = GPU_CONFIGS
+    if args.block:
+        tile = TileConfig(args.block, args.block, args.block, num_warps=4, num_stages=2)
+        configs = dataclasses.replace(
+            configs, lse=tile, grad_logits=tile, grad_x=tile, grad_w=tile, fp32_tf32=tile, fp32_ieee=tile
+        )
+    failed = 0
+    for spec in specs(configs):
+        if args.filter not in spec.name:
+            continue
+        for arch in args.arch:
+            try:
+                row = report(spec, arch)
+            except Exception as exc:  # report every failure, not just the first
+                failed += 1
+                row = dict(kernel=spec.name, arch=f"sm_{arch}", error=f"{type(exc).__name__}: {exc}"[:2000])
+            print(json.dumps(row), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

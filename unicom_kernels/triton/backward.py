@@ -1,0 +1,111 @@
+"""Backward launcher: class chunks of (recompute + softmax gradient, ``G @ W``, ``G^T @ X``).
+
+Per chunk of classes ``[col0, col0 + chunk)``, three launches in a fixed order:
+:func:`.softmax_grad.softmax_grad_chunk` (recompute the logits, write ``Gs``),
+:func:`.grad_gemm.grad_x_chunk` (accumulate ``Gs @ W`` into ``grad_x``) and
+:func:`.grad_gemm.grad_w_chunk` (``Gs^T @ X`` into the chunk's own rows of ``grad_w``).
+The total is one GEMM pass to recompute plus the two gradient GEMMs, as in DESIGN.md
+section 4 (four passes with the forward).
+
+Workspace (the only buffer that grows with ``n``): ``G`` of ``N x chunk`` elements in the
+operand dtype of the backward (fp16 for bf16/fp16 problems, fp32 for fp32), with ``chunk``
+a multiple of ``grad_logits.block_n`` such that
+
+    N * chunk * itemsize <= Configs.workspace_bytes   (32 MiB by default; at least one tile),
+
+balanced over ``cdiv(n, chunk)`` chunks. For shape A (N = 4096, n = 12,500, 2 bytes) that
+is 4 chunks of 3200 classes: 26.2 MB. Besides it: the fp32 gradients themselves
+(``[N, k]`` and ``[n, k]``), ``order``/``class_start`` (``N + n + 1`` int64) and a scalar.
+No ``[N, n]`` tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .common import dot_precision
+from .configs import get_configs
+from .grad_gemm import grad_w_chunk, grad_x_chunk
+from .softmax_grad import softmax_grad_chunk
+
+
+def chunk_columns(N: int, n: int, itemsize: int, block_n: int, workspace_bytes: int) -> int:
+    """Classes per backward chunk: fits ``workspace_bytes``, a multiple of ``block_n``, balanced."""
+    fit = max(block_n, workspace_bytes // max(1, N * itemsize) // block_n * block_n)
+    chunks = triton.cdiv(n, fit)
+    return triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+
+
+def margin_softmax_backward(
+    xc: Tensor,
+    wc: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    rowscale: Tensor,
+    tcoef: Tensor,
+    gscale: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. the compute-dtype operands, in fp32, for any loss of ``(LSE_i, z_t_i)``.
+
+    With ``a_i = dL/dLSE_i`` and ``A = max_i |a_i|``: off-target ``dL/dc_ij = a_i s p_ij`` (times
+    the clamp mask), on target ``dL/dc_it = tcoef_i``.
+
+    Args:
+        xc: ``[N, k]`` embeddings in the compute dtype (contiguous, ``k`` a multiple of 16
+            for speed).
+        wc: ``[n, k]`` prototypes in the compute dtype (contiguous).
+        target: ``[N]`` int64 column of each row's target, ``-1`` for none.
+        lse: ``[N]`` fp32 log-sum-exp from the forward.
+        rowscale: ``[N]`` fp32 ``a_i / A`` (in ``[-1, 1]``).
+        tcoef: ``[N]`` fp32 ``dL/dc_{i,t_i}`` (0 for rows without a target).
+        gscale: 0-dim fp32 ``A``.
+        scale: the logit scale ``s``.
+
+    Returns:
+        ``(grad_x [N, k], grad_w [n, k])``, fp32.
+    """
+    cfg = get_configs()
+    N, K = xc.shape
+    n = wc.shape[0]
+    device = xc.device
+
+    # Rows grouped by target class, in a stable (hence reproducible) order; rows without a
+    # target get key n and sort last. class_start[j] = first position of class j in it.
+    key = torch.where(target >= 0, target, n)
+    sorted_key, order = torch.sort(key, stable=True)
+    class_start = torch.searchsorted(sorted_key, torch.arange(n + 1, device=device, dtype=sorted_key.dtype))
+
+    precision = dot_precision(xc.dtype)
+    fp32 = xc.dtype == torch.float32
+    grad_logits_tile = cfg.tile("grad_logits", precision, fp32)
+    grad_x_tile = cfg.tile("grad_x", precision, fp32)
+    grad_w_tile = cfg.tile("grad_w", precision, fp32)
+    block_n = grad_logits_tile.block_n
+    chunk_max = chunk_columns(N, n, xc.element_size(), block_n, cfg.workspace_bytes)
+    chunk_max = min(chunk_max, triton.cdiv(n, block_n) * block_n)
+    g = torch.empty((N, chunk_max), dtype=xc.dtype, device=device)
+    grad_x = torch.empty((N, K), dtype=torch.float32, device=device)
+    grad_w = torch.empty((n, K), dtype=torch.float32, device=device)
+    starts = list(range(0, n, chunk_max))
+    for index, col0 in enumerate(starts):
+        chunk = min(chunk_max, n - col0)
+        chunk_pad = triton.cdiv(chunk, 16) * 16
+        softmax_grad_chunk(xc, wc, target, lse, rowscale, g, col0, chunk_pad, scale, grad_logits_tile)
+        grad_x_chunk(
+            g,
+            wc,
+            grad_x,
+            target,
+            tcoef,
+            gscale,
+            col0,
+            chunk,
+            first=index == 0,
+            last=index == len(starts) - 1,
+            tile=grad_x_tile,
+        )
+        grad_w_chunk(g, xc, grad_w, order, class_start, target, tcoef, gscale, col0, chunk, grad_w_tile)
+    return grad_x, grad_w
