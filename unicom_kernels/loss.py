@@ -214,7 +214,8 @@ def dual_partial_margin_loss(
         ignore_index: label of rows that add nothing to loss or gradient.
         generator: randomness for the samplers (classes are drawn first, then dims). With
             ``process_group`` the dims must come out equal on every rank: seed it alike.
-        backend: ``"auto"`` (``"torch"`` here), ``"reference"`` or ``"torch"``.
+        backend: ``"auto"`` (``"triton"`` for CUDA tensors, ``"torch"`` otherwise and for
+            fp64), ``"triton"``, ``"torch"`` or ``"reference"``.
         check_finite: reject non-finite embeddings (one host sync; turn off for speed).
         process_group: shard the classes across this group's ranks (model parallel). The
             embeddings are all-gathered; their gradient is reduce-scattered back and scaled
