@@ -3,16 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo demo-loss test clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -c constraints.txt -e '.[test,pipeline]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m unicom.demo --config configs/demo.yaml
+
+demo-loss: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)

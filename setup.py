@@ -17,6 +17,26 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],
+        "pipeline": [
+            "open_clip_torch>=2.24",
+            "faiss-cpu>=1.7.4",
+            "timm>=0.9",
+            "scikit-learn>=1.0",
+            "pyyaml>=6.0",
+            "tqdm>=4.60",
+            "webdataset>=0.2.86",
+            "matplotlib>=3.5",
+            "pillow>=9.0",
+        ],
         "gpu": ["faiss-gpu"],
+    },
+    entry_points={
+        "console_scripts": [
+            "unicom-features=unicom.features:main",
+            "unicom-cluster=unicom.cluster:main",
+            "unicom-train=unicom.train:main",
+            "unicom-evaluate=unicom.evaluate:main",
+            "unicom-demo=unicom.demo:main",
+        ]
     },
 )

@@ -1,0 +1,141 @@
+"""Training: a few steps lower the loss; --resume from a mid-run checkpoint is bitwise exact (CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+for _module in ("yaml", "tqdm"):  # the pipeline extra
+    pytest.importorskip(_module)
+
+pytest.importorskip("open_clip")
+
+from unicom import atomic, config  # noqa: E402
+from unicom.demo import TINY_CLIP, TINY_NAME  # noqa: E402
+from unicom.evaluate import EvaluateConfig, evaluate  # noqa: E402
+from unicom.train import TrainConfig, latest_checkpoint, load_trained, read_metrics, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """4 classes of 12 noisy 8x8 images (a different bar position per class) + the tiny ViT config."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        for i in range(12):
+            image = rng.integers(0, 60, (8, 8), dtype=np.uint8)
+            image[:, 2 * c : 2 * c + 2] = 230
+            path = root / "imgs" / f"class{c}" / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image, mode="L").save(path)
+    atomic.write_json(root / f"{TINY_NAME}.json", TINY_CLIP)
+    return root
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread (much faster on a busy 2-core machine); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cfg(root, out, **kw):
+    values = dict(
+        data=str(root / "imgs"),
+        output_dir=str(out),
+        arch=f"open_clip:{TINY_NAME}",
+        model_config=str(root / f"{TINY_NAME}.json"),
+        embedding_dim=16,
+        batch_size=16,
+        max_steps=24,
+        lr=2e-3,
+        warmup_steps=2,
+        class_sample_rate=1.0,
+        dim_sample_rate=0.5,
+        scale=16.0,
+        num_workers=0,
+        log_every=1,
+        checkpoint_every=100,
+        progress=False,
+        device="cpu",
+        crop_scale=0.6,
+    )
+    values.update(kw)
+    return config.make(TrainConfig, values)
+
+
+def test_loss_goes_down_and_model_evaluates(dataset, tmp_path, one_thread):
+    result = train(make_cfg(dataset, tmp_path / "run"))
+    loss = read_metrics(tmp_path / "run")["loss"]
+    assert len(loss) == 24 and result["num_classes"] == 4
+    assert loss[-4:].mean() < 0.8 * loss[:4].mean()
+    assert (tmp_path / "run" / "final.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    metrics = evaluate(
+        EvaluateConfig(data=str(dataset / "imgs"), checkpoint=str(tmp_path / "run"), num_workers=0, device="cpu"),
+        progress=False,
+    )
+    assert 0.0 <= metrics["recall@1"] <= 1.0 and metrics["queries"] == 48
+    untrained = load_trained(tmp_path / "run", weights=False)
+    trained = load_trained(tmp_path / "run")
+    assert not torch.equal(untrained.head.weight, trained.head.weight)
+
+
+def test_resume_is_bitwise_identical(dataset, tmp_path, one_thread):
+    # 48 images / 16 = 3 batches per epoch; stopping at step 4 is mid-epoch.
+    straight = make_cfg(dataset, tmp_path / "a", max_steps=8)
+    train(straight)
+    interrupted = make_cfg(dataset, tmp_path / "b", max_steps=8, checkpoint_every=4, stop_after=4)
+    train(interrupted)
+    assert not (tmp_path / "b" / "final.pt").exists()
+    assert latest_checkpoint(tmp_path / "b").parent.name == "step_0000004"
+    train(config.make(TrainConfig, {**vars(interrupted), "stop_after": None, "resume": True}))
+    a = torch.load(tmp_path / "a" / "final.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "final.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ca = torch.load(latest_checkpoint(tmp_path / "a"), weights_only=False)
+    cb = torch.load(latest_checkpoint(tmp_path / "b"), weights_only=False)
+    assert torch.equal(ca["criterion"]["weight"], cb["criterion"]["weight"])
+    np.testing.assert_array_equal(read_metrics(tmp_path / "a")["loss"], read_metrics(tmp_path / "b")["loss"])
+    with pytest.raises(config.ConfigError, match="'lr'"):
+        train(config.make(TrainConfig, {**vars(interrupted), "stop_after": None, "resume": True, "lr": 0.5}))
+
+
+def test_bad_training_input(dataset, tmp_path):
+    with pytest.raises(config.ConfigError, match="batch_size"):
+        train(make_cfg(dataset, tmp_path / "c", batch_size=64))
+    with pytest.raises(Exception, match="pseudo-label file not found"):
+        train(make_cfg(dataset, tmp_path / "c", pseudo_labels=str(tmp_path / "none")))
+    with pytest.raises(Exception, match="arch must be"):
+        train(make_cfg(dataset, tmp_path / "c", arch="resnet"))
+
+
+def test_bad_images_are_ignored_and_counted_when_asked(dataset, tmp_path):
+    import shutil
+
+    from unicom.data import DataError
+
+    root = tmp_path / "copy"
+    shutil.copytree(dataset, root)
+    (root / "imgs" / "class1" / "03.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="class1/03.png"):
+        train(make_cfg(root, tmp_path / "strict", max_steps=3))
+    train(make_cfg(root, tmp_path / "lenient", max_steps=3, skip_bad=True))
+    assert read_metrics(tmp_path / "lenient")["skipped"][-1] == 1  # one epoch = 3 steps covers every image
+
+
+def test_evaluate_cli_query_gallery_and_json(dataset, tmp_path, capsys):
+    import json
+
+    from unicom.evaluate import main
+
+    out = tmp_path / "m.json"
+    images = str(dataset / "imgs")
+    main(["--data", images, "--gallery", images, "--method", "pixels", "--pixel-size", "8", "--output", str(out),
+          "--num-workers", "0", "--ks", "1", "5"])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "query-gallery" and result["recall@1"] == 1.0  # each query finds itself
+    assert "R@5" in capsys.readouterr().out

@@ -1,0 +1,198 @@
+"""One configuration format for every step: a dataclass per step, a YAML file, CLI overrides.
+
+A YAML file holds one section per step (``features:``, ``cluster:``, ``train:``, ``evaluate:``,
+``demo:``); a command reads its own section and ignores the others. Every field of the step's
+dataclass is also a CLI flag (``batch_size`` -> ``--batch-size``); the precedence is
+dataclass default < YAML section < command line. Unknown keys, unknown sections and values of
+the wrong type raise :class:`ConfigError` naming the key, the file and the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from . import atomic
+
+SECTIONS = ("features", "cluster", "train", "evaluate", "demo")
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """Base of the errors caused by the user's input (config, data, model); CLIs print them without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or value is wrong; the message names the key."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prog: str) -> Iterator[None]:
+    """Turn a :class:`UserError` into ``prog: error: message`` on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
+    """Check / convert one YAML value to the field type ``tp``."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: '{name}' must not be null")
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(name, v, item, where) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: '{name}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def read_section(path: str | Path, section: str, cls: type) -> dict[str, Any]:
+    """Read ``section`` of the YAML file ``path`` and check its keys against ``cls``'s fields.
+
+    Returns a dict of validated values (possibly empty when the section is absent).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections {SECTIONS}")
+    unknown_sections = sorted(set(doc) - set(SECTIONS))
+    if unknown_sections:
+        raise ConfigError(f"config file {path}: unknown section(s) {unknown_sections}; valid sections: {SECTIONS}")
+    values = doc.get(section) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: section '{section}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"config file {path}, section '{section}': unknown key '{key}'; valid keys: {names}")
+        out[key] = _coerce(key, value, hints[key], f"config file {path}, section '{section}'")
+    return out
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` plus one flag per dataclass field (no defaults set)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", default=None, help="YAML config file; this command reads its own section")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        base, optional = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{_field_help(f)} (default: {default!r})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            parser.add_argument(flag, nargs="+", type=item, **kwargs)
+            continue
+        if optional:
+
+            def convert(text: str, _base: Any = base) -> Any:
+                return None if text.lower() in ("none", "null") else _base(text)
+
+            parser.add_argument(flag, type=convert, metavar=base.__name__.upper(), **kwargs)
+        else:
+            parser.add_argument(flag, type=base, **kwargs)
+    return parser
+
+
+def parse(cls: type[T], section: str, argv: list[str] | None, description: str) -> T:
+    """Build ``cls`` from defaults, the ``--config`` file's ``section`` and CLI flags, then validate it."""
+    parser = build_parser(cls, f"unicom-{section}", description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config")
+    values = read_section(config_path, section, cls) if config_path else {}
+    values.update(args)
+    return make(cls, values)
+
+
+def make(cls: type[T], values: dict[str, Any]) -> T:
+    """``cls(**values)`` with unknown keys reported by name, then ``validate()`` when defined."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; valid options: {sorted(names)}")
+    cfg = cls(**values)
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"'{name}' must be one of {choices}, got {value!r}")
+
+
+def positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is > 0 (or >= 0 with ``allow_zero``)."""
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{name}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def required(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` when a required path/option is empty."""
+    if value in (None, ""):
+        raise ConfigError(f"'{name}' is required (set it in the config file or with --{name.replace('_', '-')})")
+
+
+def save(cfg: Any, path: str | Path, section: str) -> None:
+    """Write ``cfg`` as a one-section YAML file (atomic), loadable with ``--config``."""
+    atomic.write_text(path, yaml.safe_dump({section: dataclasses.asdict(cfg)}, sort_keys=False))

@@ -1,0 +1,401 @@
+"""Image sources (folder, CSV/list file, webdataset tar shards) and the datasets the steps load them with.
+
+Every source is indexed once, in a fixed order, so that sample ``i`` is the same image on every
+run and every rank: features are resumable by shard, training resumes bitwise, and the ids
+written by :mod:`unicom.features` join pseudo-labels back to images in :mod:`unicom.train`.
+
+Sources and their sample ids:
+
+- **folder** ``root/``: every image below ``root`` (sorted walk); id = path relative to ``root``;
+  label = index of the first-level sub-folder in sorted order (``None`` for images in ``root``);
+  caption = the sidecar ``<stem>.txt`` when present.
+- **list** file: ``.csv`` / ``.tsv`` with a header holding ``path`` (required) and optionally
+  ``id``, ``label``, ``caption``; or a plain ``.txt`` / ``.lst`` with ``path [label]`` per line.
+  Relative paths are resolved against ``root`` (default: the list file's folder); id = ``id``
+  column or the path. Non-integer labels are mapped to the sorted list of distinct names.
+- **wds** (webdataset) shards: a folder of ``.tar`` files, a glob, or a brace pattern
+  ``shard-{000..009}.tar``; a sample is the group of members sharing a key
+  (``<key>.jpg|png|...``, ``<key>.txt`` caption, ``<key>.cls`` integer label); id = ``<key>``.
+  Tar headers are indexed once, so samples are read by offset (random access, exact resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import math
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import UserError
+from .model import ImageTransform
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+FORMATS = ("auto", "folder", "list", "wds")
+
+
+class DataError(UserError, RuntimeError):
+    """A data source or one of its samples cannot be read; the message names the file / sample."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One sample of a source: its id, integer label (or ``None``), caption (or ``None``) and where it lives."""
+
+    id: str
+    label: int | None
+    caption: str | None
+    location: str
+    offset: int = -1
+    size: int = -1
+
+
+class Source:
+    """An indexed, ordered list of image records with a way to decode each one."""
+
+    kind = "source"
+
+    def __init__(self, records: list[Record], description: str, class_names: list[str] | None = None) -> None:
+        if not records:
+            raise DataError(f"no images found in {description}")
+        self.records = records
+        self.description = description
+        self.class_names = class_names
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        """Sample ids, in source order."""
+        return [r.id for r in self.records]
+
+    def labels(self) -> np.ndarray:
+        """``[N]`` int64 labels in source order; ``-1`` where a sample has none."""
+        return np.array([-1 if r.label is None else r.label for r in self.records], dtype=np.int64)
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image of sample ``index``; raises :class:`DataError` for a missing file."""
+        rec = self.records[index]
+        try:
+            with open(rec.location, "rb") as handle:
+                if rec.offset >= 0:
+                    handle.seek(rec.offset)
+                    data = handle.read(rec.size)
+                    if len(data) != rec.size:
+                        raise DataError(f"sample {rec.id!r}: {rec.location} is truncated")
+                    return data
+                return handle.read()
+        except FileNotFoundError as exc:
+            raise DataError(f"sample {rec.id!r}: image file not found: {rec.location}") from exc
+        except IsADirectoryError as exc:
+            raise DataError(f"sample {rec.id!r}: {rec.location} is a directory, not an image") from exc
+
+    def load_image(self, index: int) -> Image.Image:
+        """Decode sample ``index`` to an RGB PIL image; raises :class:`DataError` naming the sample."""
+        rec = self.records[index]
+        data = self.read_bytes(index)
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            return image.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise DataError(f"sample {rec.id!r}: cannot decode image {rec.location}: {exc}") from exc
+
+
+def _label_map(raw: Sequence[str | None]) -> tuple[list[int | None], list[str] | None]:
+    present = [r for r in raw if r not in (None, "")]
+    if not present:
+        return [None] * len(raw), None
+    try:
+        return [None if r in (None, "") else int(r) for r in raw], None
+    except ValueError:
+        names = sorted(set(present))
+        index = {n: i for i, n in enumerate(names)}
+        return [None if r in (None, "") else index[r] for r in raw], names
+
+
+def _read_caption(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def folder_source(root: str | os.PathLike) -> Source:
+    """Index every image under ``root`` (see module docstring for ids, labels, captions)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
+    rel = [Path(f).relative_to(root).as_posix() for f in files]
+    class_names = sorted({r.split("/")[0] for r in rel if "/" in r})
+    index = {n: i for i, n in enumerate(class_names)}
+    records = [
+        Record(
+            id=r,
+            label=index[r.split("/")[0]] if "/" in r else None,
+            caption=_read_caption(os.path.splitext(f)[0] + ".txt"),
+            location=f,
+        )
+        for f, r in zip(files, rel, strict=True)
+    ]
+    return Source(records, f"image folder {root}", class_names or None)
+
+
+def list_source(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Source:
+    """Index a CSV/TSV (header with ``path`` [, ``id``, ``label``, ``caption``]) or ``path [label]`` list file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"list file not found: {path}")
+    base = Path(root) if root else path.parent
+    rows: list[dict[str, str | None]] = []
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            fields = reader.fieldnames or []
+            column = "path" if "path" in fields else "image" if "image" in fields else None
+            if column is None:
+                raise DataError(f"list file {path} needs a 'path' (or 'image') column; found columns {fields}")
+            for row in reader:
+                rows.append(
+                    {"path": row[column], "id": row.get("id"), "label": row.get("label"), "caption": row.get("caption")}
+                )
+    else:
+        with open(path, encoding="utf-8") as handle:
+            for n, line in enumerate(handle, 1):
+                parts = line.strip().split()
+                if not parts:
+                    continue
+                if len(parts) > 2:
+                    raise DataError(f"list file {path}, line {n}: expected 'path [label]', got {line.strip()!r}")
+                rows.append(
+                    {"path": parts[0], "id": None, "label": parts[1] if len(parts) > 1 else None, "caption": None}
+                )
+    labels, names = _label_map([r["label"] for r in rows])
+    records = []
+    for row, label in zip(rows, labels, strict=True):
+        rel = row["path"] or ""
+        if not rel:
+            raise DataError(f"list file {path}: a row has an empty path")
+        location = rel if os.path.isabs(rel) else str(base / rel)
+        records.append(Record(id=row["id"] or rel, label=label, caption=row["caption"] or None, location=location))
+    return Source(records, f"list file {path}", names)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths for a folder of ``.tar`` files, a glob, a brace pattern, or a comma-separated list."""
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        paths = []
+        for part in spec.split(","):
+            if "{" in part:
+                import braceexpand
+
+                candidates = list(braceexpand.braceexpand(part))
+            else:
+                candidates = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+            paths.extend(candidates)
+    if not paths:
+        raise DataError(f"no .tar shards match {spec!r}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(
+            f"webdataset shard not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else "")
+        )
+    return paths
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def wds_source(spec: str) -> Source:
+    """Index webdataset tar shards (see module docstring); labels from ``.cls``, captions from ``.txt``."""
+    records: list[Record] = []
+    for shard in expand_shards(spec):
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_key(member.name)
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    groups[key][ext] = member
+                texts = {}
+                for key in order:
+                    for ext in ("txt", "cls"):
+                        if ext in groups[key]:
+                            handle = tar.extractfile(groups[key][ext])
+                            texts[key, ext] = handle.read().decode("utf-8").strip() if handle else None
+        except tarfile.TarError as exc:
+            raise DataError(f"cannot read webdataset shard {shard}: {exc}") from exc
+        for key in order:
+            members = groups[key]
+            image_ext = next((e for e in members if "." + e.split(".")[-1] in IMAGE_EXTENSIONS), None)
+            if image_ext is None:
+                continue
+            member = members[image_ext]
+            cls = texts.get((key, "cls"))
+            records.append(
+                Record(
+                    id=key,
+                    label=int(cls) if cls not in (None, "") else None,
+                    caption=texts.get((key, "txt")),
+                    location=shard,
+                    offset=member.offset_data,
+                    size=member.size,
+                )
+            )
+    return Source(records, f"webdataset shards {spec}")
+
+
+def open_source(path: str, data_format: str = "auto", root: str | None = None) -> Source:
+    """Open ``path`` as a folder, list file or webdataset shards (``data_format='auto'`` guesses from the path)."""
+    if data_format not in FORMATS:
+        raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    if not path:
+        raise DataError("no data path given")
+    if data_format == "auto":
+        if os.path.isdir(path):
+            data_format = "wds" if glob.glob(os.path.join(path, "*.tar")) else "folder"
+        elif path.endswith(".tar") or "{" in path or any(c in path for c in "*?["):
+            data_format = "wds"
+        elif os.path.isfile(path):
+            data_format = "list"
+        else:
+            raise DataError(f"data path not found: {path}")
+    if data_format == "folder":
+        return folder_source(path)
+    if data_format == "list":
+        return list_source(path, root)
+    return wds_source(path)
+
+
+def load_pseudo_labels(cluster_dir: str | os.PathLike) -> dict[str, int]:
+    """``{sample id: label}`` from a :mod:`unicom.cluster` output folder (``ids.txt`` + ``labels.npy``)."""
+    cluster_dir = Path(cluster_dir)
+    ids_path, labels_path = cluster_dir / "ids.txt", cluster_dir / "labels.npy"
+    for p in (ids_path, labels_path):
+        if not p.is_file():
+            raise DataError(f"pseudo-label file not found: {p} (run unicom-cluster first)")
+    ids = ids_path.read_text(encoding="utf-8").splitlines()
+    labels = np.load(labels_path)
+    if len(ids) != len(labels):
+        raise DataError(f"{ids_path} has {len(ids)} ids but {labels_path} has {len(labels)} labels")
+    return dict(zip(ids, labels.tolist(), strict=True))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a :class:`Source`: item ``i`` -> ``(image [3, H, W] float32, label int64, i, ok)``.
+
+    ``labels`` overrides the source's labels (``[N]`` int64, ``-1`` = none/ignored). With
+    ``skip_bad=True`` a missing or corrupt image gives a black image, label ``-1`` and
+    ``ok=False`` (callers count and drop / ignore it); otherwise it raises :class:`DataError`.
+    With ``seed`` set, each item's random augmentation is seeded from ``(seed, epoch, i)``, so
+    the data stream is reproducible and resumable whatever the worker count; set ``epoch``
+    before each epoch.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        transform: Callable[[Image.Image], torch.Tensor],
+        labels: np.ndarray | None = None,
+        skip_bad: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.source = source
+        self.transform = transform
+        self.labels = source.labels() if labels is None else np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(source):
+            raise DataError(f"{len(self.labels)} labels for {len(source)} samples of {source.description}")
+        self.skip_bad = skip_bad
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _transform(self, image: Image.Image, index: int) -> torch.Tensor:
+        if self.seed is None:
+            return self.transform(image)
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index
+        if isinstance(self.transform, ImageTransform):
+            return self.transform(image, random.Random(sample_seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed % 2**63)
+            return self.transform(image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
+        try:
+            image = self.source.load_image(index)
+            ok = True
+        except DataError:
+            if not self.skip_bad:
+                raise
+            image, ok = Image.new("RGB", (32, 32)), False
+        label = int(self.labels[index]) if ok else -1
+        return self._transform(image, index), label, index, ok
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices for one epoch and one rank, reproducible from ``(seed, epoch)``.
+
+    The epoch's permutation is truncated to a multiple of ``batch_size * world_size`` (every
+    rank gets the same number of full batches); rank ``r`` takes every ``world_size``-th index.
+    Iteration starts at batch ``start`` (for resuming mid-epoch).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+    ) -> None:
+        if num_samples < batch_size * world_size:
+            raise DataError(
+                f"batch_size {batch_size} x {world_size} rank(s) exceeds the {num_samples} training samples"
+            )
+        self.num_samples, self.batch_size, self.seed, self.epoch = num_samples, batch_size, seed, epoch
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    @staticmethod
+    def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+        """Full batches per rank per epoch."""
+        return num_samples // (batch_size * world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size) - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=gen)
+        per_rank = self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size) * self.batch_size
+        mine = perm[: per_rank * self.world_size][self.rank :: self.world_size]
+        for b in range(self.start, math.ceil(per_rank / self.batch_size)):
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()

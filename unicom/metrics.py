@@ -1,0 +1,149 @@
+"""Retrieval metrics with exact cosine search: Recall@K, mAP@R and mAP@100.
+
+Definitions (``R`` = number of gallery items sharing the query's label, the query itself excluded
+in leave-one-out mode):
+
+- ranking: gallery items by descending cosine similarity; equal similarities are ordered by
+  gallery index (lower first), so results do not depend on the search library's tie order.
+- Recall@K: share of queries with at least one relevant item among the first K.
+- mAP@R (Musgrave et al., 2020): mean over queries of ``(1/R) sum_{i<=R} P@i * rel_i``.
+- mAP@100: mean over queries of ``(1/min(R, 100)) sum_{i<=100} P@i * rel_i``.
+
+- kNN@k accuracy (optional): the majority label of the first k neighbours equals the query's
+  label; a tie in votes goes to the label whose best-ranked vote comes first. Every query counts.
+
+Queries with ``R = 0`` (e.g. a class with one member in leave-one-out) cannot be scored; they
+are excluded from every metric and counted in ``queries_without_relevant``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+TIE_SLACK = 16
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def search(query: np.ndarray, gallery: np.ndarray, k: int, use_gpu: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k``: (scores ``[nq, k]`` float32, gallery indices ``[nq, k]`` int64).
+
+    Uses faiss ``IndexFlatIP`` (on a GPU when faiss sees one).
+    """
+    import faiss
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    scores, ids = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
+    return scores, ids.astype(np.int64)
+
+
+def ranked_relevance(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    depth: int = 100,
+    use_gpu: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Relevance of the ranked neighbours: (``rel [nq, L]`` bool, ``R [nq]`` int64).
+
+    ``gallery=None`` means leave-one-out over ``query``. ``L`` covers ``depth`` and every query's R.
+    """
+    loo = gallery is None
+    q = _normalise(query)
+    g = q if loo else _normalise(gallery)
+    ql = np.asarray(query_labels, dtype=np.int64)
+    gl = ql if loo else np.asarray(gallery_labels, dtype=np.int64)
+    if len(q) != len(ql) or len(g) != len(gl):
+        raise ValueError("embeddings and labels must have the same number of rows")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
+    classes, counts = np.unique(gl, return_counts=True)
+    pos = np.searchsorted(classes, ql)
+    pos = np.minimum(pos, len(classes) - 1)
+    relevant = np.where(classes[pos] == ql, counts[pos], 0) - (1 if loo else 0)
+    available = len(g) - (1 if loo else 0)
+    length = min(available, max(depth, int(relevant.max(initial=0))))
+    fetch = min(len(g), length + (1 if loo else 0) + TIE_SLACK)
+    scores, ids = search(q, g, fetch, use_gpu)
+    if loo:
+        is_self = ids == np.arange(len(q))[:, None]
+        scores = np.where(is_self, -np.inf, scores)
+    order = np.lexsort((ids, -scores), axis=-1)
+    ids = np.take_along_axis(ids, order, axis=1)[:, :length]
+    rel = gl[ids] == ql[:, None]
+    return rel, relevant
+
+
+def retrieval_metrics(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    use_gpu: bool = True,
+    knn_k: int = 0,
+) -> dict[str, float]:
+    """Recall@K for ``ks``, mAP@R and mAP@100 of ``query [nq, D]`` against ``gallery [ng, D]``.
+
+    Leave-one-out over ``query`` when ``gallery`` is None. Labels are ``[n]`` integers.
+    ``knn_k > 0`` adds ``knn@<knn_k>`` accuracy. Returns floats in [0, 1] plus the counts
+    ``queries`` and ``queries_without_relevant``.
+    """
+    extra = {}
+    if knn_k > 0:
+        extra[f"knn@{knn_k}"] = knn_accuracy(query, query_labels, gallery, gallery_labels, knn_k, use_gpu)
+    rel, r = ranked_relevance(query, query_labels, gallery, gallery_labels, max(max(ks), 100), use_gpu)
+    valid = r > 0
+    rel, r = rel[valid], r[valid]
+    out: dict[str, float] = {"queries": int(valid.sum()), "queries_without_relevant": int((~valid).sum()), **extra}
+    if not valid.any():
+        return {**out, **{f"recall@{k}": float("nan") for k in ks}, "map@r": float("nan"), "map@100": float("nan")}
+    for k in ks:
+        out[f"recall@{k}"] = float(rel[:, :k].any(axis=1).mean())
+    ranks = np.arange(1, rel.shape[1] + 1)
+    precision = np.cumsum(rel, axis=1) / ranks
+    hits = precision * rel
+    within_r = ranks[None, :] <= r[:, None]
+    out["map@r"] = float(((hits * within_r).sum(1) / r).mean())
+    top = min(100, rel.shape[1])
+    out["map@100"] = float((hits[:, :top].sum(1) / np.minimum(r, 100)).mean())
+    return out
+
+
+def knn_accuracy(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    k: int = 10,
+    use_gpu: bool = True,
+) -> float:
+    """Share of queries whose k nearest gallery items (self excluded in leave-one-out) vote for their label."""
+    loo = gallery is None
+    q = _normalise(query)
+    g = q if loo else _normalise(gallery)
+    ql = np.asarray(query_labels, dtype=np.int64)
+    gl = ql if loo else np.asarray(gallery_labels, dtype=np.int64)
+    k = min(k, len(g) - (1 if loo else 0))
+    fetch = min(len(g), k + (1 if loo else 0) + TIE_SLACK)
+    scores, ids = search(q, g, fetch, use_gpu)
+    if loo:
+        scores = np.where(ids == np.arange(len(q))[:, None], -np.inf, scores)
+    ids = np.take_along_axis(ids, np.lexsort((ids, -scores), axis=-1), axis=1)[:, :k]
+    votes = gl[ids]
+    correct = 0
+    for row, label in zip(votes, ql, strict=True):
+        values, first, counts = np.unique(row, return_index=True, return_counts=True)
+        best = np.flatnonzero(counts == counts.max())
+        correct += int(values[best[np.argmin(first[best])]] == label)
+    return correct / len(q)

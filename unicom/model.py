@@ -1,0 +1,204 @@
+"""Backbones (open_clip visual towers, timm ViTs) with an embedding head, their transforms, and CLIP loading.
+
+Architectures are named ``open_clip:<model>`` (any open_clip model name, or the name of a custom
+JSON architecture passed as ``model_config``) or ``timm:<model>`` (e.g. ``timm:vit_small_patch16_224``).
+``pretrained`` is an open_clip tag (downloaded by open_clip, so online only) or a local weights file;
+``None`` means random initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import functional as TF
+
+from .config import UserError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ModelError(UserError, ValueError):
+    """A model name, config or weights file is wrong; the message names it."""
+
+
+def register_open_clip_config(model_config: str | None) -> None:
+    """Make a custom open_clip architecture JSON (its file stem is the model name) known to open_clip."""
+    if not model_config:
+        return
+    import open_clip
+
+    path = Path(model_config)
+    if not path.is_file():
+        raise ModelError(f"open_clip model_config file not found: {path}")
+    if path.stem not in open_clip.list_models():
+        open_clip.add_model_config(path)
+
+
+def _create_open_clip(name: str, pretrained: str | None, **kwargs: Any) -> nn.Module:
+    import open_clip
+
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+    except RuntimeError as exc:
+        if not pretrained:
+            raise
+        raise ModelError(
+            f"cannot load pretrained={pretrained!r} for open_clip {name}: {exc} "
+            "(offline: download the weights elsewhere and pass the local file as pretrained)"
+        ) from exc
+
+
+def load_clip(
+    name: str, pretrained: str | None = None, model_config: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any, int]:
+    """Create an open_clip model: returns ``(model in eval mode, tokenizer, image_size)``.
+
+    ``pretrained``: an open_clip tag or a local file; ``None`` gives random weights (say so to users).
+    """
+    import open_clip
+
+    register_open_clip_config(model_config)
+    if name not in open_clip.list_models():
+        raise ModelError(f"unknown open_clip model {name!r}; pass model_config=<json> for a custom architecture")
+    if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(name, pretrained):
+        raise ModelError(
+            f"pretrained={pretrained!r} is neither a local file nor a tag of {name} "
+            f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
+        )
+    model = _create_open_clip(name, pretrained, device=device)
+    model.eval()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    return model, open_clip.get_tokenizer(name), int(size)
+
+
+class EmbeddingModel(nn.Module):
+    """``images [B, 3, H, W] float -> embeddings [B, embedding_dim]`` (not normalised; the loss normalises).
+
+    ``backbone`` maps images to ``[B, feature_dim]``; ``head`` is a linear map to ``embedding_dim``.
+    ``image_size``, ``mean`` and ``std`` describe the expected input.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, embedding_dim: int, image_size: int, mean: tuple, std: tuple
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, embedding_dim)
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_model(
+    arch: str,
+    embedding_dim: int,
+    pretrained: str | None = None,
+    model_config: str | None = None,
+    image_size: int | None = None,
+) -> EmbeddingModel:
+    """Backbone named by ``arch`` (``open_clip:<name>`` / ``timm:<name>``) + a linear head to ``embedding_dim``."""
+    kind, _, name = arch.partition(":")
+    if kind == "open_clip" and name:
+        import open_clip
+
+        register_open_clip_config(model_config)
+        if name not in open_clip.list_models():
+            raise ModelError(f"unknown open_clip model {name!r} in arch={arch!r}; pass model_config=<json>")
+        if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(name, pretrained):
+            raise ModelError(f"pretrained={pretrained!r} is neither a local file nor a tag of open_clip {name}")
+        kwargs = {"force_image_size": image_size} if image_size else {}
+        clip = _create_open_clip(name, pretrained, **kwargs)
+        visual = clip.visual
+        size = visual.image_size
+        size = size[0] if isinstance(size, tuple | list) else size
+        mean = getattr(visual, "image_mean", None) or CLIP_MEAN
+        std = getattr(visual, "image_std", None) or CLIP_STD
+        return EmbeddingModel(visual, int(visual.output_dim), embedding_dim, int(size), mean, std)
+    if kind == "timm" and name:
+        import timm
+
+        kwargs = {"img_size": image_size} if image_size else {}
+        try:
+            backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except RuntimeError as exc:
+            raise ModelError(f"timm cannot create {name!r}: {exc}") from exc
+        if pretrained:
+            if not os.path.isfile(pretrained):
+                raise ModelError(f"timm weights file not found: {pretrained} (only local files are supported)")
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+            missing, unexpected = backbone.load_state_dict(state, strict=False)
+            if missing:
+                raise ModelError(f"timm weights {pretrained} miss {len(missing)} keys, e.g. {missing[:3]}")
+        cfg = backbone.pretrained_cfg or {}
+        size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+        mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
+        return EmbeddingModel(backbone, int(backbone.num_features), embedding_dim, size, mean, std)
+    raise ModelError(f"arch must be 'open_clip:<name>' or 'timm:<name>', got {arch!r}")
+
+
+class ImageTransform:
+    """PIL image -> ``[3, image_size, image_size]`` float32, normalised with ``mean`` / ``std``.
+
+    Evaluation (``train=False``): resize the shorter side (bicubic), centre crop. Training: a
+    random resized crop (area fraction in ``[crop_scale, 1]``, aspect ratio in ``[3/4, 4/3]``) and
+    an optional horizontal flip, drawn from the ``random.Random`` passed in, so that a dataset can
+    seed every sample's augmentation cheaply and reproducibly (``rng=None``: a fresh unseeded one).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple = CLIP_MEAN,
+        std: tuple = CLIP_STD,
+        train: bool = False,
+        crop_scale: float = 0.6,
+        hflip: bool = False,
+    ) -> None:
+        self.size, self.mean, self.std = image_size, list(mean), list(std)
+        self.train, self.crop_scale, self.hflip = train, crop_scale, hflip
+
+    def _crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(self.crop_scale, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        side = min(width, height)
+        return (height - side) // 2, (width - side) // 2, side, side
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        bicubic = TF.InterpolationMode.BICUBIC
+        if self.train:
+            rng = rng or random.Random()
+            top, left, h, w = self._crop_box(image.width, image.height, rng)
+            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=bicubic)
+            if self.hflip and rng.random() < 0.5:
+                image = TF.hflip(image)
+        else:
+            image = TF.center_crop(TF.resize(image, self.size, interpolation=bicubic), [self.size, self.size])
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+def eval_transform(image_size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD) -> ImageTransform:
+    """Evaluation transform (see :class:`ImageTransform`)."""
+    return ImageTransform(image_size, mean, std)
+
+
+def train_transform(
+    image_size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, crop_scale: float = 0.6, hflip: bool = False
+) -> ImageTransform:
+    """Training augmentation (see :class:`ImageTransform`)."""
+    return ImageTransform(image_size, mean, std, train=True, crop_scale=crop_scale, hflip=hflip)

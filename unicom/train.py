@@ -1,0 +1,514 @@
+"""Step 3: train a backbone + embedding head with ``DualPartialMarginLoss`` on (pseudo-)labels.
+
+Launch with ``python -m unicom.train`` (one process) or ``torchrun --nproc_per_node=G -m unicom.train``
+(DDP backbone; the loss is model-parallel when ``unicom_kernels`` supports ``process_group=``,
+otherwise every rank keeps all prototypes and DDP averages their gradients, see ``loss_parallel``).
+
+Output folder::
+
+    config.yaml                  the resolved configuration (reusable with --config)
+    metrics.csv                  step, epoch, loss, lr, prototype_lr, grad_norm, images_per_s, skipped
+    tensorboard/                 the same scalars, when tensorboard is installed
+    checkpoints/step_XXXXXXX/    rankRRRRR.pt per rank (model, loss, optimizer, schedule, RNG); atomic
+    checkpoints/latest           name of the newest complete checkpoint
+    final.pt                     model weights + config, what ``unicom-evaluate`` loads
+
+``--resume`` continues from ``checkpoints/latest`` (same world size); on the CPU the result is
+bitwise identical to an uninterrupted run: the sample order and every augmentation are derived
+from ``(seed, epoch, index)`` and the sampler state, schedule, optimizer and RNG are restored.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as td
+from torch import nn
+from tqdm import tqdm
+
+from unicom_kernels import DualPartialMarginLoss
+
+from . import atomic, config, dist
+from .data import DataError, EpochBatchSampler, ImageDataset, load_pseudo_labels, open_source
+from .model import EmbeddingModel, build_model, train_transform
+
+METRIC_FIELDS = ("step", "epoch", "loss", "lr", "prototype_lr", "grad_norm", "images_per_s", "skipped")
+RESUME_MAY_CHANGE = {
+    "resume",
+    "stop_after",
+    "progress",
+    "num_workers",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "device",
+    "output_dir",
+    "data",
+    "data_root",
+    "pseudo_labels",
+}
+NO_DECAY_KEYS = ("pos_embed", "positional_embedding", "cls_token", "class_embedding", "dist_token")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``unicom-train``."""
+
+    # data
+    data: str = field(default="", metadata={"help": "image folder, CSV/list file, or webdataset shards"})
+    data_format: str = field(default="auto", metadata={"help": "auto | folder | list | wds"})
+    data_root: str | None = field(default=None, metadata={"help": "base folder for relative paths of a list file"})
+    pseudo_labels: str | None = field(
+        default=None, metadata={"help": "unicom-cluster output folder; None = the data's own labels"}
+    )
+    output_dir: str = field(default="", metadata={"help": "folder for checkpoints, logs and final.pt"})
+    skip_bad: bool = field(default=False, metadata={"help": "missing/corrupt images are ignored rows, counted"})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes per rank"})
+    crop_scale: float = field(default=0.6, metadata={"help": "smallest RandomResizedCrop area fraction"})
+    hflip: bool = field(default=False, metadata={"help": "random horizontal flips"})
+    # model
+    arch: str = field(default="open_clip:ViT-B-32", metadata={"help": "open_clip:<name> | timm:<name>"})
+    pretrained: str | None = field(default=None, metadata={"help": "open_clip tag or local weights file"})
+    model_config: str | None = field(default=None, metadata={"help": "JSON of a custom open_clip architecture"})
+    image_size: int | None = field(default=None, metadata={"help": "input side; None = the model's default"})
+    embedding_dim: int = field(default=512, metadata={"help": "output dim of the embedding head"})
+    # loss
+    scale: float = field(default=32.0, metadata={"help": "logit scale s"})
+    margin: float = field(default=0.3, metadata={"help": "margin m"})
+    margin_type: str = field(default="arcface", metadata={"help": "arcface | cosface | none"})
+    margin_grad: str = field(default="straight_through", metadata={"help": "straight_through | exact"})
+    class_sample_rate: float = field(default=0.1, metadata={"help": "share of classes sampled per step"})
+    dim_sample_rate: float = field(default=0.5, metadata={"help": "share of embedding dims kept per step"})
+    num_dims: int | None = field(default=None, metadata={"help": "dims kept per step (overrides dim_sample_rate)"})
+    loss_backend: str = field(default="auto", metadata={"help": "auto | torch | triton | reference"})
+    loss_parallel: str = field(
+        default="auto", metadata={"help": "auto | model (prototypes sharded) | replicated (DDP-averaged)"}
+    )
+    # optimisation
+    batch_size: int = field(default=128, metadata={"help": "images per step per rank"})
+    epochs: int = field(default=1, metadata={"help": "epochs (ignored when max_steps is set)"})
+    max_steps: int | None = field(default=None, metadata={"help": "total optimisation steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the backbone and head"})
+    prototype_lr_mult: float = field(default=10.0, metadata={"help": "prototype lr = lr x this"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
+    prototype_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the prototypes"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr / peak lr of the cosine decay"})
+    clip_grad_norm: float | None = field(default=5.0, metadata={"help": "max grad norm of the backbone + head"})
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 on GPU) | bf16 | none"})
+    seed: int = field(default=0, metadata={"help": "seed of init, data order, augmentation and sampling"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    # bookkeeping
+    log_every: int = field(default=10, metadata={"help": "steps per metrics row"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoints/latest"})
+    stop_after: int | None = field(
+        default=None, metadata={"help": "stop this run after this step (schedule unchanged)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        config.required("data", self.data)
+        config.required("output_dir", self.output_dir)
+        config.choice("margin_type", self.margin_type, ("arcface", "cosface", "none"))
+        config.choice("margin_grad", self.margin_grad, ("straight_through", "exact"))
+        config.choice("loss_parallel", self.loss_parallel, ("auto", "model", "replicated"))
+        config.choice("amp", self.amp, ("auto", "bf16", "none"))
+        for name in (
+            "embedding_dim",
+            "batch_size",
+            "epochs",
+            "lr",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            config.positive(name, getattr(self, name))
+        for name in ("max_steps", "stop_after", "clip_grad_norm", "image_size", "num_dims"):
+            config.positive(name, getattr(self, name))
+        for name in ("num_workers", "warmup_steps", "weight_decay", "prototype_weight_decay", "min_lr_ratio"):
+            config.positive(name, getattr(self, name), allow_zero=True)
+        config.positive("prototype_lr_mult", self.prototype_lr_mult)
+        if not 0 < self.crop_scale <= 1:
+            raise config.ConfigError(f"'crop_scale' must be in (0, 1], got {self.crop_scale}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def loss_supports_process_group() -> bool:
+    """True once ``DualPartialMarginLoss`` accepts ``process_group=`` (model-parallel prototypes)."""
+    return "process_group" in inspect.signature(DualPartialMarginLoss.__init__).parameters
+
+
+def make_criterion(cfg: TrainConfig, num_classes: int, world_size: int, device: torch.device) -> tuple[nn.Module, str]:
+    """The loss module and its parallel mode (``single`` | ``model`` | ``replicated``)."""
+    kwargs: dict[str, Any] = dict(
+        scale=cfg.scale,
+        margin=cfg.margin,
+        margin_type=cfg.margin_type,
+        margin_grad=cfg.margin_grad,
+        class_sample_rate=cfg.class_sample_rate,
+        dim_sample_rate=cfg.dim_sample_rate,
+        num_dims=cfg.num_dims,
+        ignore_index=-1,
+        backend=cfg.loss_backend,
+        seed=cfg.seed,
+    )
+    mode = "single"
+    if world_size > 1:
+        supported = loss_supports_process_group()
+        if cfg.loss_parallel == "model" and not supported:
+            raise config.ConfigError(
+                "loss_parallel=model needs DualPartialMarginLoss(process_group=...), which this unicom_kernels "
+                "lacks; use loss_parallel=replicated"
+            )
+        mode = "model" if supported and cfg.loss_parallel != "replicated" else "replicated"
+        if mode == "model":
+            kwargs["process_group"] = td.group.WORLD
+    criterion = DualPartialMarginLoss(num_classes, cfg.embedding_dim, **kwargs).to(device)
+    return criterion, mode
+
+
+def param_groups(model: nn.Module, criterion: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed vectors/embeddings, prototypes (lr x prototype_lr_mult)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
+    return [
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "backbone"},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "backbone_no_decay"},
+        {
+            "params": list(criterion.parameters()),
+            "lr": cfg.lr * cfg.prototype_lr_mult,
+            "weight_decay": cfg.prototype_weight_decay,
+            "name": "prototypes",
+        },
+    ]
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def training_labels(cfg: TrainConfig, ids: list[str], own: np.ndarray) -> np.ndarray:
+    """``[N]`` int64 labels for the source's samples: pseudo-labels joined by id, or the data's own."""
+    if not cfg.pseudo_labels:
+        return own
+    table = load_pseudo_labels(cfg.pseudo_labels)
+    labels = np.array([table.get(i, -1) for i in ids], dtype=np.int64)
+    if (labels >= 0).sum() == 0:
+        raise DataError(f"no sample id of {cfg.data} appears in the pseudo-labels {cfg.pseudo_labels}")
+    return labels
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Folder holding ``step_*`` checkpoints and the ``latest`` pointer."""
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path, rank: int = 0) -> Path | None:
+    """This rank's file of the newest complete checkpoint, or None."""
+    pointer = checkpoint_dir(output_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_dir(output_dir) / pointer.read_text().strip() / f"rank{rank:05d}.pt"
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} named by {pointer} is missing")
+    return path
+
+
+def save_checkpoint(output_dir: str | Path, step: int, rank: int, state: dict, keep: int) -> None:
+    """Write this rank's state atomically; rank 0 then moves ``latest`` and prunes old checkpoints."""
+    root = checkpoint_dir(output_dir)
+    name = f"step_{step:07d}"
+    atomic.torch_save(root / name / f"rank{rank:05d}.pt", state)
+    dist.barrier()
+    if rank == 0:
+        atomic.write_text(root / "latest", name + "\n")
+        old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
+        for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+
+
+class MetricsLog:
+    """``metrics.csv`` (rows past the resume step are dropped on resume) + TensorBoard when installed."""
+
+    def __init__(self, output_dir: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = output_dir / "metrics.csv"
+        self.writer = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step > 0 and self.path.is_file():
+            with open(self.path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        text = ",".join(METRIC_FIELDS) + "\n" + "".join(",".join(r[f] for f in METRIC_FIELDS) + "\n" for r in rows)
+        atomic.write_text(self.path, text)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:
+            self.writer = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            handle.write(",".join(str(row[f]) for f in METRIC_FIELDS) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "lr", "prototype_lr", "grad_norm", "images_per_s"):
+                self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(output_dir: str | Path) -> dict[str, np.ndarray]:
+    """Columns of ``metrics.csv`` as float arrays."""
+    with open(Path(output_dir) / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {f: np.array([float(r[f]) for r in rows]) for f in METRIC_FIELDS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns ``{"step", "final_loss", "output_dir", "num_classes", "seconds"}``."""
+    info = dist.setup(cfg.device)
+    device = info.device
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    source = open_source(cfg.data, cfg.data_format, cfg.data_root)
+    labels = training_labels(cfg, source.ids, source.labels())
+    usable = np.flatnonzero(labels >= 0)
+    if len(usable) == 0:
+        raise DataError(f"no labelled samples in {source.description}")
+    num_classes = int(labels.max()) + 1
+
+    model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, cfg.model_config, cfg.image_size).to(device)
+    criterion, parallel = make_criterion(cfg, num_classes, info.world_size, device)
+    transform = train_transform(model.image_size, model.mean, model.std, cfg.crop_scale, cfg.hflip)
+    dataset = ImageDataset(source, transform, labels=labels, skip_bad=cfg.skip_bad, seed=cfg.seed)
+    subset = torch.utils.data.Subset(dataset, usable.tolist())
+    per_epoch = EpochBatchSampler.batches_per_epoch(len(usable), cfg.batch_size, info.world_size)
+    if per_epoch == 0:
+        raise config.ConfigError(
+            f"batch_size {cfg.batch_size} x {info.world_size} rank(s) exceeds the {len(usable)} labelled samples"
+        )
+    total = cfg.max_steps or cfg.epochs * per_epoch
+
+    net: nn.Module = model
+    loss_fn: nn.Module = criterion
+    if info.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if parallel == "replicated":
+            loss_fn = nn.parallel.DistributedDataParallel(criterion, device_ids=ids)
+    optimizer = torch.optim.AdamW(param_groups(model, criterion, cfg), betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+
+    step = 0
+    if cfg.resume:
+        path = latest_checkpoint(out, info.rank)
+        if path is None:
+            if info.is_main:
+                print(f"train: --resume but no checkpoint in {checkpoint_dir(out)}; starting fresh", file=sys.stderr)
+        else:
+            state = torch.load(path, map_location=device, weights_only=False)
+            changed = sorted(
+                k
+                for k, v in dataclasses.asdict(cfg).items()
+                if k not in RESUME_MAY_CHANGE and state["config"].get(k) != v
+            )
+            if changed:
+                raise config.ConfigError(
+                    f"checkpoint {path} was made with different {changed}; resume with the same settings "
+                    "(or start a new output_dir)"
+                )
+            if state["world_size"] != info.world_size:
+                raise config.ConfigError(
+                    f"checkpoint {path} was written by {state['world_size']} rank(s); resume with the same number"
+                )
+            model.load_state_dict(state["model"])
+            criterion.load_state_dict(state["criterion"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], device)
+            step = int(state["step"])
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out / "config.yaml", "train")
+    log = MetricsLog(out, step, info.is_main)
+
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if info.is_main:
+        weights = cfg.pretrained or "random init"
+        print(
+            f"train: {len(usable)} samples, {num_classes} classes ({'pseudo-labels' if cfg.pseudo_labels else 'labels'}"
+            f"), {cfg.arch} ({weights}) -> {cfg.embedding_dim}-d, {info.world_size} rank(s) on {device}, "
+            f"loss {parallel}, {total} steps of {cfg.batch_size}/rank, amp={'bf16' if use_amp else 'off'}",
+            file=sys.stderr,
+        )
+    bar = tqdm(total=total, initial=step, desc="train", disable=not (cfg.progress and info.is_main))
+    stop = min(total, cfg.stop_after or total)
+    losses: list[torch.Tensor] = []
+    skipped, seen, window_start = 0, 0, time.perf_counter()
+    started = time.perf_counter()
+    last_loss = float("nan")
+    net.train()
+    loss_fn.train()
+    while step < stop:
+        epoch, first = divmod(step, per_epoch)
+        dataset.epoch = epoch
+        sampler = EpochBatchSampler(len(usable), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size, first)
+        loader = torch.utils.data.DataLoader(
+            subset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"
+        )
+        for images, batch_labels, _, ok in loader:
+            images = images.to(device, non_blocking=True)
+            batch_labels = batch_labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext():
+                embeddings = net(images)
+            loss = loss_fn(embeddings, batch_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                if cfg.clip_grad_norm
+                else torch.zeros(())
+            )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(loss.detach())
+            skipped += int((~ok).sum())
+            seen += len(ok)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == stop:
+                last_loss = float(torch.stack(losses).float().mean())
+                elapsed = time.perf_counter() - window_start
+                lrs = scheduler.get_last_lr()
+                log.log(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": f"{last_loss:.6f}",
+                        "lr": f"{lrs[0]:.6g}",
+                        "prototype_lr": f"{lrs[2]:.6g}",
+                        "grad_norm": f"{float(grad_norm):.4f}",
+                        "images_per_s": f"{seen * info.world_size / max(elapsed, 1e-9):.1f}",
+                        "skipped": skipped,
+                    }
+                )
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lrs[0]:.2e}")
+                losses, seen, window_start = [], 0, time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                state = {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "criterion": criterion.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(device),
+                    "world_size": info.world_size,
+                    "num_classes": num_classes,
+                    "config": dataclasses.asdict(cfg),
+                }
+                save_checkpoint(out, step, info.rank, state, cfg.keep_checkpoints)
+            if step >= stop:
+                break
+    bar.close()
+    log.close()
+    if info.is_main and step >= total:
+        atomic.torch_save(
+            out / "final.pt",
+            {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": step, "num_classes": num_classes},
+        )
+    dist.barrier()
+    if info.is_main and skipped:
+        print(f"train: {skipped} missing/corrupt images were ignored in this run", file=sys.stderr)
+    return {
+        "step": step,
+        "final_loss": last_loss,
+        "output_dir": str(out),
+        "num_classes": num_classes,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu", weights: bool = True) -> EmbeddingModel:
+    """The model of a ``unicom-train`` run: ``path`` is its output folder, ``final.pt`` or a checkpoint file.
+
+    ``weights=False`` builds the same architecture with its initial (seeded, untrained) weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        final = path / "final.pt"
+        path = final if final.is_file() else (latest_checkpoint(path) or final)
+    if not path.is_file():
+        raise DataError(f"trained model not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = config.make(TrainConfig, state["config"])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, cfg.model_config, cfg.image_size)
+    if weights:
+        model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``unicom-train``."""
+    with config.exit_on_user_error("unicom-train"):
+        cfg = config.parse(TrainConfig, "train", argv, __doc__.splitlines()[0])
+        try:
+            train(cfg)
+        finally:
+            dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
