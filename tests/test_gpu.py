@@ -1,19 +1,23 @@
 """The ``triton`` backend on a CUDA device at real sizes (``-m gpu``; skipped without CUDA).
 
 Run by ``benchmarks/gpu_check.sh`` with ``TRITON_INTERPRET=0`` (the test conftest would
-otherwise select the interpreter). The float64 reference is computed on the GPU from the
-contract in DESIGN.md section 2: operands rounded to the compute dtype, then float64.
+otherwise select the interpreter). The float64 reference (``tests/triton_oracle.py``) is computed on
+the GPU from the contract in DESIGN.md section 2: operands rounded to the compute dtype, then float64.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+try:
+    from tests.triton_oracle import oracle as _oracle
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from triton_oracle import oracle as _oracle  # type: ignore[no-redef]
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,31 +29,6 @@ pytestmark = [
 
 F64 = torch.float64
 SHAPE_A = dict(N=4096, n=12500, k=512)
-
-
-def _oracle(xn, wn, target, *, scale, margin, margin_type, margin_grad, compute_dtype):
-    """float64 loss and gradients (the contract; clamp gradient passed on [-1, 1] inclusive)."""
-    x = xn.detach().to(compute_dtype).to(F64).requires_grad_()
-    w = wn.detach().to(compute_dtype).to(F64).requires_grad_()
-    raw = x @ w.T
-    cos = torch.where(raw.abs() < 1.0, raw, raw.detach().clamp(-1.0, 1.0))
-    valid = target >= 0
-    col = target.clamp_min(0).unsqueeze(1)
-    c_t = cos.gather(1, col).squeeze(1)
-    c = c_t.detach()
-    if margin_type == "arcface":
-        value = scale * torch.cos(torch.acos(c) + margin)
-        exact = scale * (math.cos(margin) + math.sin(margin) * c / (1.0 - c * c).clamp_min(0.0).sqrt().clamp_min(1e-6))
-    elif margin_type == "cosface":
-        value, exact = scale * (c - margin), torch.full_like(c, scale)
-    else:
-        value, exact = scale * c, torch.full_like(c, scale)
-    slope = exact if margin_grad == "exact" else torch.full_like(c, scale)
-    z_t = value + slope * (c_t - c)
-    logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))
-    loss = torch.where(valid, torch.logsumexp(logits, 1) - z_t, 0.0).sum() / valid.sum().clamp_min(1)
-    gx, gw = torch.autograd.grad(loss, (x, w))
-    return loss.detach(), gx, gw
 
 
 def _inputs(N, n, k, *, seed, ignored=0.0):

@@ -1,9 +1,7 @@
 """The ``triton`` backend against a float64 oracle, on the CPU through ``TRITON_INTERPRET=1``.
 
-The oracle is written here from DESIGN.md section 2 and shares no code with the library:
-GEMM operands rounded to the compute dtype, then everything in float64 with autograd, the
-margin's gradient mode expressed as ``value + slope * (c - c.detach())`` and the clamp's
-gradient passed on ``[-1, 1]`` bounds included (the backend contract).
+The oracle (``tests/triton_oracle.py``) is written from DESIGN.md section 2 and shares no
+code with the library.
 
 Tiles are shrunk to 16/32 (``override_configs``) so that small problems still cover many
 tiles, several forward splits and several backward class chunks, with ragged edges in
@@ -12,8 +10,6 @@ every dimension.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +17,11 @@ from torch import Tensor
 
 from unicom_kernels.ops import triton_op
 from unicom_kernels.triton import override_configs
+
+try:
+    from tests.triton_oracle import oracle, oracle_stats, unit_operand
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from triton_oracle import oracle, oracle_stats, unit_operand  # type: ignore[no-redef]
 
 F64 = torch.float64
 MARGIN_TYPES = ("arcface", "cosface", "none")
@@ -33,71 +34,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # softmax-gradient workspace, stored in fp16 for bf16/fp16 (11 bits of mantissa).
 LOSS_RTOL = 2e-6
 GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
-
-
-# --------------------------------------------------------------------------- oracle
-
-
-def oracle(
-    xn: Tensor,
-    wn: Tensor,
-    target: Tensor,
-    *,
-    scale: float,
-    margin: float,
-    margin_type: str,
-    margin_grad: str,
-    compute_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """float64 loss and gradients w.r.t. ``xn`` and ``wn`` (DESIGN.md section 2.5-2.8)."""
-    x = xn.detach().to(compute_dtype).to(F64).requires_grad_()
-    w = wn.detach().to(compute_dtype).to(F64).requires_grad_()
-    raw = x @ w.T
-    # clamp(raw, -1, 1) with the gradient passed where -1 < raw < 1 (torch.clamp's rule, written
-    # out so that the oracle does not depend on it).
-    cos = torch.where(raw.abs() < 1.0, raw, raw.detach().clamp(-1.0, 1.0))
-    valid = target >= 0
-    col = target.clamp_min(0).unsqueeze(1)
-    c_t = cos.gather(1, col).squeeze(1)
-    c = c_t.detach()
-    if margin_type == "arcface":
-        value = scale * torch.cos(torch.acos(c) + margin)
-        sin_t = (1.0 - c * c).clamp_min(0.0).sqrt().clamp_min(1e-6)
-        exact = scale * (math.cos(margin) + math.sin(margin) * c / sin_t)
-    elif margin_type == "cosface":
-        value, exact = scale * (c - margin), torch.full_like(c, scale)
-    else:
-        value, exact = scale * c, torch.full_like(c, scale)
-    slope = exact if margin_grad == "exact" else torch.full_like(c, scale)
-    z_t = value + slope * (c_t - c)
-    logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))
-    per_row = torch.logsumexp(logits, dim=1) - z_t
-    loss = torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
-    gx, gw = torch.autograd.grad(loss, (x, w))
-    return loss.detach(), gx, gw
-
-
-def oracle_stats(
-    x: Tensor, w: Tensor, target: Tensor, *, scale: float, margin: float, margin_type: str, margin_grad: str
-) -> tuple[Tensor, Tensor]:
-    """float64 ``(lse, z_t)`` of ``lse_and_target`` from float64 leaves ``x``, ``w`` (rounded already)."""
-    raw = x @ w.T
-    cos = torch.where(raw.abs() < 1.0, raw, raw.detach().clamp(-1.0, 1.0))
-    has_target = target >= 0
-    col = target.clamp_min(0).unsqueeze(1)
-    c_t = cos.gather(1, col).squeeze(1)
-    c = c_t.detach()
-    if margin_type == "arcface":
-        value = scale * torch.cos(torch.acos(c) + margin)
-        exact = scale * (math.cos(margin) + math.sin(margin) * c / (1.0 - c * c).clamp_min(0.0).sqrt().clamp_min(1e-6))
-    elif margin_type == "cosface":
-        value, exact = scale * (c - margin), torch.full_like(c, scale)
-    else:
-        value, exact = scale * c, torch.full_like(c, scale)
-    slope = exact if margin_grad == "exact" else torch.full_like(c, scale)
-    z_t = torch.where(has_target, value + slope * (c_t - c), scale * c_t)
-    logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))
-    return torch.logsumexp(logits, dim=1), torch.where(has_target, z_t, 0.0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -346,10 +282,10 @@ def test_lse_and_target_any_upstream_gradient(margin_type, margin_grad, dtype):
     with override_configs(block=16, workspace_bytes=30 * 32 * 4):
         lse, z_t = triton_op.lse_and_target(xn, wn, target, **kw)
         ((u.float() * lse).sum() + (v.float() * z_t).sum()).backward()
-    x64 = x.to(dtype).to(F64).requires_grad_()
-    w64 = w.to(dtype).to(F64).requires_grad_()
+    x64, xu = unit_operand(x, dtype)
+    w64, wu = unit_operand(w, dtype)
     kw64 = {key: val for key, val in kw.items() if key != "compute_dtype"}
-    ref_lse, ref_zt = oracle_stats(x64, w64, target, **kw64)
+    ref_lse, ref_zt = oracle_stats(xu, wu, target, **kw64)
     ((u * ref_lse).sum() + (v * ref_zt).sum()).backward()
     assert lse.dtype == z_t.dtype == torch.float32
     assert (lse.detach().double() - ref_lse.detach()).abs().max() <= 2e-6 * 64

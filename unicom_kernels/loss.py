@@ -14,15 +14,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
 from . import distributed as _dist
 from .ops import BACKENDS, check_backend, get_backend, mean_loss
 from .sampling import sample_classes, sample_dims, step_generator
-
-_EPS = 1e-12  # norm floor of DESIGN.md section 2.5
 
 # (local positives, block start, block size) -> sorted local class indices of the step.
 ClassChooser = Callable[[Tensor, int, int], Tensor]
@@ -81,17 +78,15 @@ def _local_positives(labels: Tensor, ignore_index: int, start: int, stop: int) -
     return labels[inside].unique() - start
 
 
-def _normalized(
+def _gathered(
     embeddings: Tensor, prototypes: Tensor, class_index: Tensor, dim_index: Tensor | None
 ) -> tuple[Tensor, Tensor, torch.dtype]:
-    """Gathered, dimension-selected, L2-normalised ``xn [N, k]``, ``wn [n, k]`` and the GEMM dtype."""
+    """The selected ``x [N, k]`` and ``w [n, k]`` (not normalised) and the GEMM dtype."""
     x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
     w = prototypes.index_select(0, class_index)
     if dim_index is not None:
         w = w.index_select(1, dim_index)
-    compute = _compute_dtype(embeddings.dtype, prototypes.dtype)
-    acc = torch.float64 if compute == torch.float64 else torch.float32
-    return F.normalize(x.to(acc), dim=1, eps=_EPS), F.normalize(w.to(acc), dim=1, eps=_EPS), compute
+    return x, w, _compute_dtype(embeddings.dtype, prototypes.dtype)
 
 
 def _targets(labels: Tensor, class_index: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
@@ -110,10 +105,10 @@ def _single_process_loss(
     dim_index: Tensor | None,
     opts: _Options,
 ) -> Tensor:
-    xn, wn, compute = _normalized(embeddings, prototypes, class_index, dim_index)
+    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
     backend = get_backend(opts.backend, embeddings.device, compute)
-    return mean_loss(backend, xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
+    return mean_loss(backend, x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
 
 
 def _sharded_loss(
@@ -160,12 +155,12 @@ def _sharded_loss(
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
     # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
     gathered = _dist.all_gather_rows(embeddings, group, grad_scale=float(world))
-    xn, wn, compute = _normalized(gathered, shard, class_index, dim_index)
+    x, w, compute = _gathered(gathered, shard, class_index, dim_index)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
     backend = get_backend(opts.backend, embeddings.device, compute)
     if not hasattr(backend, "lse_and_target"):
         raise NotImplementedError(f"backend {opts.backend!r} does not support process_group yet")
-    lse, z_t = backend.lse_and_target(xn, wn, target, **opts.margin_kwargs(), compute_dtype=compute)
+    lse, z_t = backend.lse_and_target(x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
     # |z| <= s for every margin type with m >= 0; s * (1 + |m|) also covers negative margins.
     logit_bound = opts.scale * (1.0 + abs(opts.margin))
     loss = _dist.global_loss(lse, z_t, all_labels != opts.ignore_index, logit_bound, group)

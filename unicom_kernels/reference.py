@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from .margin import target_logit
+from .ops import normalize_rows
 
 
 def lse_and_target(
-    xn: Tensor,
-    wn: Tensor,
+    x: Tensor,
+    w: Tensor,
     target: Tensor,
     *,
     scale: float,
@@ -27,15 +28,17 @@ def lse_and_target(
     """Per-row log-sum-exp over the columns of ``wn`` and the margined target logit.
 
     Args:
-        xn: ``[N, k]`` L2-normalised embeddings (fp32 or fp64).
-        wn: ``[n, k]`` L2-normalised sampled prototypes, same dtype as ``xn``.
-        target: ``[N]`` int64 column of each row's class in ``wn``; ``-1`` when the row is
+        x: ``[N, k]`` embeddings (selected dims, not normalised).
+        w: ``[n, k]`` sampled prototypes (selected dims, not normalised).
+        target: ``[N]`` int64 column of each row's class in ``w``; ``-1`` when the row is
             ignored or its class is not among these columns (held by another rank).
-        compute_dtype: dtype of the GEMM operands (the result is upcast to ``xn.dtype``).
+        compute_dtype: dtype of the GEMM operands (the result is upcast to fp32, or fp64).
 
     Returns:
-        ``(lse [N], z_t [N])`` in ``xn.dtype``; ``z_t`` is 0 where ``target`` is ``-1``.
+        ``(lse [N], z_t [N])`` in fp32 (fp64 for fp64 problems); ``z_t`` is 0 where
+        ``target`` is ``-1``.
     """
+    xn, wn = normalize_rows(x, compute_dtype), normalize_rows(w, compute_dtype)
     cos = (xn.to(compute_dtype) @ wn.to(compute_dtype).T).to(xn.dtype).clamp(-1.0, 1.0)
     has_target = target >= 0
     col = target.clamp_min(0).unsqueeze(1)

@@ -1,15 +1,19 @@
 """Backend registry and the contract every backend module meets.
 
-Inputs are gathered, dimension-selected and L2-normalised already (see
-:mod:`unicom_kernels.loss`): ``xn [N, k]``, ``wn [n, k]`` (fp32, or fp64), ``target [N]``
-int64, each row's column in ``wn`` or ``-1``; keyword arguments ``scale, margin,
-margin_type, margin_grad, compute_dtype`` (the GEMM operand dtype). A backend module exports
+Inputs are gathered and dimension-selected already (see :mod:`unicom_kernels.loss`), not
+normalised: ``x [N, k]`` (the embeddings' dtype), ``w [n, k]`` (the prototypes' dtype),
+``target [N]`` int64, each row's column in ``w`` or ``-1``; keyword arguments ``scale,
+margin, margin_type, margin_grad, compute_dtype`` (the GEMM operand dtype). A backend
+L2-normalises the rows (``v / max(|v|, EPS)`` in :func:`accumulation_dtype`; plainly with
+:func:`normalize_rows`, or fused) and exports
 
-- ``lse_and_target(...) -> (lse [N], z_t [N])``: per-row log-sum-exp over the columns of
-  ``wn`` and the margined target logit (0 where ``target`` is ``-1``), differentiable.
+- ``lse_and_target(...) -> (lse [N], z_t [N])``: per-row log-sum-exp over the rows of
+  ``w`` and the margined target logit (0 where ``target`` is ``-1``), differentiable.
   Enough for any loss over classes split across ranks.
 - optionally ``margin_softmax_loss(...) -> 0-dim loss``: the single-process mean over
   rows with a target, fused (it may form the gradients during the forward).
+
+Both return the accumulation dtype; gradients come back in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+EPS = 1e-12  # norm floor of DESIGN.md section 2.5
 
 _BACKENDS = {
     "reference": "unicom_kernels.reference",
@@ -28,6 +35,16 @@ _BACKENDS = {
 }
 
 BACKENDS = ("auto", *_BACKENDS)
+
+
+def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 problems, fp32 otherwise: logits, margin and log-sum-exp live here."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def normalize_rows(v: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """``v / max(|v|, EPS)`` row by row, in the accumulation dtype, differentiable."""
+    return F.normalize(v.to(accumulation_dtype(compute_dtype)), dim=1, eps=EPS)
 
 
 def resolve_backend(name: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> str:
@@ -54,11 +71,11 @@ def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = to
     return importlib.import_module(_BACKENDS[resolve_backend(name, device, compute_dtype)])
 
 
-def mean_loss(backend: ModuleType, xn: Tensor, wn: Tensor, target: Tensor, **kwargs) -> Tensor:
+def mean_loss(backend: ModuleType, x: Tensor, w: Tensor, target: Tensor, **kwargs) -> Tensor:
     """Single-process loss: mean of ``lse - z_t`` over rows with a target (0 if none)."""
     fused = getattr(backend, "margin_softmax_loss", None)
     if fused is not None:
-        return fused(xn, wn, target, **kwargs)
-    lse, z_t = backend.lse_and_target(xn, wn, target, **kwargs)
+        return fused(x, w, target, **kwargs)
+    lse, z_t = backend.lse_and_target(x, w, target, **kwargs)
     valid = target >= 0
     return torch.where(valid, lse - z_t, 0.0).sum() / valid.sum().clamp_min(1)

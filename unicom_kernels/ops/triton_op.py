@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_logit
+from . import normalize_rows
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -250,8 +251,8 @@ def _check(xn: Tensor, wn: Tensor, target: Tensor, compute_dtype: torch.dtype) -
 
 
 def margin_softmax_loss(
-    xn: Tensor,
-    wn: Tensor,
+    x: Tensor,
+    w: Tensor,
     target: Tensor,
     *,
     scale: float,
@@ -263,29 +264,30 @@ def margin_softmax_loss(
     """Mean margin-softmax loss over the rows with a target, with fused Triton kernels.
 
     Args:
-        xn: ``[N, k]`` L2-normalised embeddings (fp32; fp16/bf16 accepted).
-        wn: ``[n, k]`` L2-normalised sampled prototypes (fp32; fp16/bf16 accepted).
-        target: ``[N]`` int64 column of each row's label in ``wn``, ``-1`` for an ignored row.
+        x: ``[N, k]`` embeddings, ``w``: ``[n, k]`` sampled prototypes (not normalised: they
+            are L2-normalised here in fp32 with :func:`~unicom_kernels.ops.normalize_rows`,
+            whose autograd carries the gradients back to their dtypes).
+        target: ``[N]`` int64 column of each row's label in ``w``, ``-1`` for an ignored row.
         scale, margin, margin_type, margin_grad: see :func:`unicom_kernels.margin.target_logit`.
         compute_dtype: GEMM operand dtype (fp32, fp16 or bf16); accumulation is fp32. fp32
             follows ``torch.get_float32_matmul_precision()`` ("highest": exact, else tf32).
 
     Returns:
-        The 0-dim fp32 loss (``0`` with zero gradients when every row is ignored). The
-        backward returns gradients for ``xn`` and ``wn`` in their own dtypes.
+        The 0-dim fp32 loss (``0`` with zero gradients when every row is ignored).
 
     Raises:
         ValueError: ``compute_dtype`` is not fp32/fp16/bf16 (fp64 is the ``torch`` backend's),
             or the shapes do not match.
     """
-    _check(xn, wn, target, compute_dtype)
+    _check(x, w, target, compute_dtype)
+    xn, wn = normalize_rows(x, compute_dtype), normalize_rows(w, compute_dtype)
     loss, _lse, _tcoef = _loss_op(xn, wn, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
     return loss
 
 
 def lse_and_target(
-    xn: Tensor,
-    wn: Tensor,
+    x: Tensor,
+    w: Tensor,
     target: Tensor,
     *,
     scale: float,
@@ -300,9 +302,10 @@ def lse_and_target(
     its class is not among these columns (held by another rank).
 
     Returns:
-        ``(lse [N], z_t [N])`` fp32, differentiable w.r.t. ``xn`` and ``wn``; ``z_t`` is 0 where
+        ``(lse [N], z_t [N])`` fp32, differentiable w.r.t. ``x`` and ``w``; ``z_t`` is 0 where
         ``target`` is ``-1`` (and ``lse`` then covers all columns, with no margin).
     """
-    _check(xn, wn, target, compute_dtype)
+    _check(x, w, target, compute_dtype)
+    xn, wn = normalize_rows(x, compute_dtype), normalize_rows(w, compute_dtype)
     lse, z_t, _dz_dc = _stats_op(xn, wn, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
     return lse, z_t
