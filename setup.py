@@ -28,6 +28,7 @@ setup(
             "matplotlib>=3.5",
             "pillow>=9.0",
         ],
+        "bench": ["pytorch-metric-learning>=2.5", "cut-cross-entropy>=25.1", "matplotlib>=3.7", "tqdm>=4.60"],
         "gpu": ["faiss-gpu"],
     },
     entry_points={

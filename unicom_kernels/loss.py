@@ -83,7 +83,8 @@ def _gathered(
 ) -> tuple[Tensor, Tensor, torch.dtype]:
     """The selected ``x [N, k]`` and ``w [n, k]`` (not normalised) and the GEMM dtype."""
     x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
-    w = prototypes.index_select(0, class_index)
+    # Sorted distinct indices as many as the rows are all of them: no copy, no scatter back.
+    w = prototypes if class_index.numel() == prototypes.shape[0] else prototypes.index_select(0, class_index)
     if dim_index is not None:
         w = w.index_select(1, dim_index)
     return x, w, _compute_dtype(embeddings.dtype, prototypes.dtype)
