@@ -19,8 +19,10 @@ from unicom_kernels.ops import triton_op
 from unicom_kernels.triton import override_configs
 
 try:
+    from tests.largest_tensor import LargestTensor
     from tests.triton_oracle import oracle, oracle_stats, unit_operand
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from largest_tensor import LargestTensor  # type: ignore[no-redef]
     from triton_oracle import oracle, oracle_stats, unit_operand  # type: ignore[no-redef]
 
 F64 = torch.float64
@@ -397,26 +399,11 @@ def test_torch_compile_traces_through():
 
 def test_workspace_is_bounded():
     """No tensor of N * n elements or more is created (forward and backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for leaf in tree_leaves(out):
-                if isinstance(leaf, torch.Tensor):
-                    self.largest = max(self.largest, leaf.numel())
-            return out
-
     N, n, k = 32, 400, 16
     x, w, target = _inputs(N, n, k, seed=16)
     xn, wn = x.clone().requires_grad_(), w.clone().requires_grad_()
     with override_configs(block=16, workspace_bytes=N * 64 * 4, target_programs=4):
-        with Largest() as mode:
+        with LargestTensor() as mode:
             triton_op.margin_softmax_loss(xn, wn, target, **_kw()).backward()
     # The biggest buffers: the workspace (N x 64) and grad_w (n x k); never N x n.
     assert mode.largest <= max(N * 64, n * k) < N * n
