@@ -8,7 +8,9 @@ formed in the same pass (the Liger-Kernel schedule): three GEMM passes in all (l
 :func:`lse_and_target` runs one pass forward and recomputes in the backward (four).
 
 The largest intermediate is one ``[rows, n]`` fp32 block with ``rows * n <=
-CHUNK_ELEMENTS`` (at least one row). Six elementwise passes over it per chunk.
+CHUNK_ELEMENTS`` (at least one row). Six elementwise passes over it per chunk (eight in
+fp32/fp64, where the prototypes' inverse norms scale the block instead of a normalised
+copy of the prototypes being made).
 
 One deliberate difference from the autograd of ``clamp``: off the target, the gradient
 is passed even where rounding pushed a cosine to or past +-1 (the target keeps the
@@ -41,20 +43,40 @@ CHUNK_ELEMENTS = 1 << 23
 
 
 class _Unit:
-    """Rows of ``v`` normalised to unit length (``v / max(|v|, eps)``), in ``acc``, no autograd."""
+    """Rows of ``v`` normalised to unit length (``v / max(|v|, eps)``) as GEMM operands, no autograd.
 
-    def __init__(self, v: Tensor, acc: torch.dtype):
+    ``operand`` holds the rows the GEMMs multiply, rounded to the compute dtype. When no
+    rounding is needed (fp32/fp64 compute) and ``lazy``, it is ``v`` itself and
+    ``col_scale = 1 / max(|v|, eps)`` is applied to the products instead: that saves a
+    normalised ``[n, k]`` copy (a third of the backend's memory at n = 50k).
+    """
+
+    def __init__(self, v: Tensor, compute_dtype: torch.dtype, lazy: bool = False):
+        acc = accumulation_dtype(compute_dtype)
         self.dtype = v.dtype
         v = v.detach().to(acc)
         norm = torch.linalg.vector_norm(v, dim=1)
         self.inv_norm = 1.0 / norm.clamp_min(EPS)
         self.projects = norm > EPS  # below eps the norm is the constant eps: no projection
-        self.unit = v * self.inv_norm.unsqueeze(1)
+        if lazy and compute_dtype == acc:
+            self.unit, self.operand, self.col_scale = None, v, self.inv_norm
+        else:
+            self.unit = v * self.inv_norm.unsqueeze(1)
+            self.operand, self.col_scale = self.unit.to(compute_dtype).to(acc), None
 
     def grad_in_place(self, grad: Tensor) -> Tensor:
-        """``dL/dv`` from ``dL/du`` (overwritten): ``(g - u <u, g>) / max(|v|, eps)``."""
-        dots = torch.bmm(self.unit.unsqueeze(1), grad.unsqueeze(2)).view(-1) * self.projects
-        grad.addcmul_(self.unit, dots.unsqueeze(1), value=-1.0).mul_(self.inv_norm.unsqueeze(1))
+        """``dL/dv`` from the gradient accumulated for ``operand`` (overwritten).
+
+        That is ``g = dL/du``, giving ``(g - u <u, g>) / max(|v|, eps)``; or, with
+        ``col_scale``, ``h = g / max(|v|, eps)`` already, giving ``h - v <v, h> / |v|^2``.
+        """
+        if self.col_scale is None:
+            dots = torch.bmm(self.unit.unsqueeze(1), grad.unsqueeze(2)).view(-1) * self.projects
+            grad.addcmul_(self.unit, dots.unsqueeze(1), value=-1.0).mul_(self.inv_norm.unsqueeze(1))
+        else:
+            v = self.operand
+            dots = torch.bmm(v.unsqueeze(1), grad.unsqueeze(2)).view(-1) * self.inv_norm.square() * self.projects
+            grad.addcmul_(v, dots.unsqueeze(1), value=-1.0)
         return grad.to(self.dtype)
 
 
@@ -62,14 +84,14 @@ class _Problem:
     """Normalised operands rounded to the compute dtype, and each row's margined target logit."""
 
     def __init__(self, x: Tensor, w: Tensor, target: Tensor, scale: float, margin_args: dict, compute_dtype):
-        acc = accumulation_dtype(compute_dtype)
-        self.x_unit, self.w_unit = _Unit(x, acc), _Unit(w, acc)
-        self.x = self.x_unit.unit.to(compute_dtype).to(acc)
-        self.w = self.w_unit.unit.to(compute_dtype).to(acc)
+        self.x_unit, self.w_unit = _Unit(x, compute_dtype), _Unit(w, compute_dtype, lazy=True)
+        self.x, self.w = self.x_unit.operand, self.w_unit.operand
         self.scale = scale
         self.has_target = target >= 0
         self.col = target.clamp_min(0)
         raw_t = (self.x * self.w[self.col]).sum(1)
+        if self.w_unit.col_scale is not None:
+            raw_t *= self.w_unit.col_scale[self.col]
         self.z_t, dz_dc = target_logit(raw_t.clamp(-1.0, 1.0), scale=scale, **margin_args)
         self.dz_dc = dz_dc * (raw_t.abs() < 1.0)  # torch.clamp's gradient mask: zero at +-1
 
@@ -80,7 +102,7 @@ class _Problem:
         ``(lse [N], dL/dx [N, k], dL/dw [n, k])`` (gradients of the raw, unnormalised inputs,
         in their dtypes); the gradients are ``None`` without weights.
         """
-        x, w, scale = self.x, self.w, self.scale
+        x, w, scale, col_scale = self.x, self.w, self.scale, self.w_unit.col_scale
         num_rows, num_cols = x.shape[0], w.shape[0]
         lse = torch.empty(num_rows, dtype=x.dtype, device=x.device)
         want_grad = lse_weight is not None
@@ -94,6 +116,8 @@ class _Problem:
             c = self.col[rows][has_t]
             # s * cos straight from the GEMM (the scale folded into the small operand), clamped.
             logits = (x[rows] * scale) @ w.T
+            if col_scale is not None:
+                logits.mul_(col_scale)
             logits.clamp_(-scale, scale)
             logits[ar, c] = self.z_t[rows][has_t]
             # Log-sum-exp by hand so the exponentials are computed once and reused as p.
@@ -108,6 +132,8 @@ class _Problem:
             p_t = g[ar, c] / sum_exp[has_t]
             g.mul_((scale * a / sum_exp).unsqueeze(1))
             g[ar, c] = (a[has_t] * p_t + target_weight[rows][has_t]) * self.dz_dc[rows][has_t]
+            if col_scale is not None:  # G diag(1/|w|): then G @ w = G @ w_unit, and G^T @ x = h
+                g.mul_(col_scale)
             grad_x[rows] = g @ w
             grad_w.addmm_(g.T, x[rows])
         if want_grad:
@@ -139,6 +165,11 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_x, grad_w = ctx.saved_tensors
+        # The loss is usually the graph's root (grad_out == 1): hand the buffers over instead
+        # of copying them, which halves the backward's peak. Reading grad_out is free on the
+        # CPU; elsewhere it would wait for the device, so there the product is always formed.
+        if grad_out.device.type == "cpu" and grad_out.item() == 1.0:
+            return grad_x, grad_w, None, None, None, None
         return grad_x * grad_out, grad_w * grad_out, None, None, None, None
 
 
@@ -177,9 +208,9 @@ def margin_softmax_loss(
 ) -> Tensor:
     """Single-process loss (contract in :mod:`unicom_kernels.ops`), in bounded memory.
 
-    Peak extra memory: the unit rows and the gradients (``[N, k]`` and ``[n, k]`` each,
-    plus compute-dtype copies for fp16/bf16) and one ``[rows, n]`` logit block,
-    ``rows = max(1, CHUNK_ELEMENTS // n)``.
+    Peak extra memory: the gradients (``[N, k]``, ``[n, k]``), the normalised embeddings,
+    for fp16/bf16 the normalised, rounded prototypes (``[n, k]``), and one ``[rows, n]``
+    logit block, ``rows = max(1, CHUNK_ELEMENTS // n)``.
     """
     args = _margin_args(margin, margin_type, margin_grad)
     return _ChunkedMarginSoftmax.apply(x, w, target, scale, args, compute_dtype)
