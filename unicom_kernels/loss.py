@@ -128,7 +128,7 @@ def _sharded_loss(
     """The loss with classes sharded across ``group``; ``shard`` is this rank's ``[C_r, D]`` block.
 
     Every check that could fail on one rank only is agreed on first, so all ranks raise
-    together. Returns ``(loss, local class_index, dim_index)``.
+    together. Returns ``(loss, class_index, dim_index)``, the classes as global ids.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     error, info, dim_index = None, _dist.failed_info(), None
@@ -159,8 +159,6 @@ def _sharded_loss(
     x, w, compute = _gathered(gathered, shard, class_index, dim_index)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
     backend = get_backend(opts.backend, embeddings.device, compute)
-    if not hasattr(backend, "lse_and_target"):
-        raise NotImplementedError(f"backend {opts.backend!r} does not support process_group yet")
     lse, z_t = backend.lse_and_target(x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
     # |z| <= s for every margin type with m >= 0; s * (1 + |m|) also covers negative margins.
     logit_bound = opts.scale * (1.0 + abs(opts.margin))
