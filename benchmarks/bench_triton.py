@@ -6,8 +6,8 @@ with ``triton.testing.do_bench`` (CUDA events, median), the peak extra memory of
 forward + backward, and derived numbers: TFLOP/s with the DESIGN.md section 4 convention
 (forward = one GEMM pass, 2*N*n*k FLOP; forward + backward = four passes), percent of a
 dense bf16 peak (``--peak-tflops``; 790 was measured on this workplace's H200), and the
-speed-up over the reference. The backends receive L2-normalised fp32 inputs and do the
-GEMMs in bf16 (``compute_dtype``), like shape A (s = 64, arcface m = 0.5).
+speed-up over the reference. The backends receive fp32 inputs and do the GEMMs in bf16
+(``compute_dtype``), like shape A (s = 64, arcface m = 0.5).
 
 Usage: ``python benchmarks/bench_triton.py [--csv out.csv] [--quick]``; prints a table last.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -26,11 +26,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-_MODULES = {
-    "triton": "unicom_kernels.ops.triton_op",
-    "torch": "unicom_kernels.ops.torch_chunked",
-    "reference": "unicom_kernels.reference",
-}
 # (name, N, n, D, dim ratio)
 SHAPES = [
     ("A", 4096, 12500, 512, 1.0),
@@ -59,7 +54,7 @@ def _tuning_variants() -> dict[str, dict]:
 
 
 def backend(name: str):
-    """The backend's ``margin_softmax_loss``: via the registry if it knows the name, else the module.
+    """The backend's single-process loss (:func:`unicom_kernels.ops.mean_loss`).
 
     A name from :func:`_tuning_variants` is the triton backend run (forward and backward)
     under that config override.
@@ -76,24 +71,9 @@ def backend(name: str):
             return _OverriddenBackward(loss, overrides) if loss.requires_grad else loss
 
         return tuned
-    try:
-        from unicom_kernels.ops import get_backend
+    from unicom_kernels.ops import get_backend, mean_loss
 
-        module = get_backend(name, torch.device("cuda"))
-    except (KeyError, ImportError, AttributeError):  # not registered (yet): import it directly
-        module = importlib.import_module(_MODULES[name])
-    if callable(module):  # an older registry returned the function itself
-        return module
-    fused = getattr(module, "margin_softmax_loss", None)
-    if fused is not None:
-        return fused
-
-    def mean_of_stats(xn, wn, target, **kwargs):  # the single-process loss from lse_and_target
-        lse, z_t = module.lse_and_target(xn, wn, target, **kwargs)
-        valid = target >= 0
-        return torch.where(valid, lse - z_t, 0.0).sum() / valid.sum().clamp_min(1)
-
-    return mean_of_stats
+    return functools.partial(mean_loss, get_backend(name, torch.device("cuda")))
 
 
 class _OverriddenBackward:
