@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .ops import mean_over_rows
+
 # Fields of the agreement vector.
-_ERROR, _BATCH, _DIM, _ROWS, _NUM_CLASSES, _OPTIONS, _DIMS, _LABEL_MIN, _LABEL_MAX, _NONFINITE = range(10)
-_FIELDS = 10
+_ERROR, _BATCH, _DIM, _ROWS, _OPTIONS, _DIMS, _LABEL_MIN, _LABEL_MAX, _NONFINITE = range(9)
+_FIELDS = 9
 _UNKNOWN = -1
 
 # torch >= 2.12 renamed the single-tensor collectives; older releases (the GPU image) have the old names.
@@ -72,7 +74,7 @@ def agree(group: dist.ProcessGroup, info: list[int], error: Exception | None) ->
     return table
 
 
-def check_agreement(table: Tensor, num_classes: int | None, rank: int) -> int:
+def check_agreement(table: Tensor, num_classes: int | None) -> int:
     """Check the gathered ``table``: equal batch sizes, dims and options, block-sharded
     prototypes, labels in range, finite embeddings. Returns the total class count.
 
@@ -128,7 +130,7 @@ def local_info(
     ).tolist()
     info = [0] * _FIELDS
     info[_BATCH], info[_DIM] = embeddings.shape
-    info[_ROWS], info[_NUM_CLASSES], info[_OPTIONS], info[_DIMS] = prototype_rows, _UNKNOWN, options, dims
+    info[_ROWS], info[_OPTIONS], info[_DIMS] = prototype_rows, options, dims
     info[_LABEL_MIN], info[_LABEL_MAX], info[_NONFINITE] = summary
     return info
 
@@ -208,5 +210,4 @@ def global_loss(lse: Tensor, z_t: Tensor, valid: Tensor, logit_bound: float, gro
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
     local = torch.stack([(lse.to(torch.float64) - shift).exp(), z_t.to(torch.float64)])
     total = _SumOverRanks.apply(local, group)
-    per_row = (total[0].log() + shift - total[1]).to(lse.dtype)
-    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
+    return mean_over_rows((total[0].log() + shift - total[1]).to(lse.dtype), valid)

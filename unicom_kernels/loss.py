@@ -141,7 +141,7 @@ def _sharded_loss(
         )
     except (TypeError, ValueError) as exc:
         error = exc
-    total = _dist.check_agreement(_dist.agree(group, info, error), num_classes, rank)
+    total = _dist.check_agreement(_dist.agree(group, info, error), num_classes)
     start, stop = _dist.class_range(total, rank, world)
 
     all_labels = _dist.all_gather_labels(labels, group)

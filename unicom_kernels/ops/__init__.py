@@ -71,11 +71,15 @@ def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = to
     return importlib.import_module(_BACKENDS[resolve_backend(name, device, compute_dtype)])
 
 
+def mean_over_rows(per_row: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``per_row [N]`` over the ``valid`` rows; 0 (with zero gradients) if there are none."""
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
+
+
 def mean_loss(backend: ModuleType, x: Tensor, w: Tensor, target: Tensor, **kwargs) -> Tensor:
     """Single-process loss: mean of ``lse - z_t`` over rows with a target (0 if none)."""
     fused = getattr(backend, "margin_softmax_loss", None)
     if fused is not None:
         return fused(x, w, target, **kwargs)
     lse, z_t = backend.lse_and_target(x, w, target, **kwargs)
-    valid = target >= 0
-    return torch.where(valid, lse - z_t, 0.0).sum() / valid.sum().clamp_min(1)
+    return mean_over_rows(lse - z_t, target >= 0)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..margin import target_logit
-from . import EPS, accumulation_dtype
+from . import EPS, accumulation_dtype, mean_over_rows
 
 # 32 MiB of fp32 logits per chunk: at n = 50k that is 167 rows, enough for the GEMMs
 # to run near full speed (below ~100 rows they slow down by a third on CPU).
@@ -141,10 +141,6 @@ class _Problem:
         return lse, grad_x, grad_w
 
 
-def _wants_grad(ctx) -> bool:
-    return ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-
-
 class _ChunkedMarginSoftmax(torch.autograd.Function):
     """Single-process loss with the gradients formed in the forward (scaled by grad_output later)."""
 
@@ -155,12 +151,12 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         acc = problem.x.dtype
         count = valid.sum().clamp_min(1).to(acc)
         row_weight = valid.to(acc) / count
-        if _wants_grad(ctx):
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             lse, grad_x, grad_w = problem.run(row_weight, -row_weight)
         else:
             (lse, _, _), grad_x, grad_w = problem.run(), None, None
         ctx.save_for_backward(grad_x, grad_w)
-        return torch.where(valid, lse - problem.z_t, 0.0).sum() / count
+        return mean_over_rows(lse - problem.z_t, valid)
 
     @staticmethod
     def backward(ctx, grad_out):
