@@ -1,10 +1,13 @@
 """Atomic file writes: everything goes to a temporary name in the same folder and is renamed.
 
 A reader therefore sees either the previous file or the complete new one, never half of it.
+Files get the usual mode (0666 less the umask); a killed writer's leftover temporary file is
+removed by the next write of the same file.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -16,14 +19,44 @@ from typing import IO, Any
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the mode ``open()`` would give them (0666 less the umask), not mkstemp's private 0600.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer of ``path`` left behind; returns them.
+
+    A process killed between creating its temporary file and renaming it (``kill -9``, a
+    power cut) cannot clean up. Its leftovers match ``.NAME.*.tmp`` beside ``path``; the
+    next write of the same file removes them (one writer per file is assumed).
+    """
+    path = Path(path)
+    stale = list(path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), _FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -191,6 +192,24 @@ def required(name: str, value: Any) -> None:
     """Raise :class:`ConfigError` when a required path/option is empty."""
     if value in (None, ""):
         raise ConfigError(f"'{name}' is required (set it in the config file or with --{name.replace('_', '-')})")
+
+
+def writable_location(name: str, value: str | Path) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is, or can be created as, a writable folder.
+
+    Checked at validation, so that a path under a regular file or in a read-only place fails
+    before any work instead of at the first write.
+    """
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"'{name}' must be a folder, but {path} is a file")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"'{name}' cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"'{name}' cannot be written: no write permission in {existing}")
 
 
 def save(cfg: Any, path: str | Path, section: str) -> None:
