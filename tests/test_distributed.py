@@ -1,63 +1,19 @@
 """Model-parallel loss across ranks (gloo on CPU), against one process on the global batch.
 
-Each test spawns W processes once and runs every scenario in them (process start-up
+Each test spawns W processes once (:mod:`ranks`) and runs its scenarios in them (process start-up
 dominates the cost); results come back through files and are compared here.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn
 
 from unicom_kernels import DualPartialMarginLoss, class_range, dual_partial_margin_loss
 
 D_IN, D, B = 12, 16, 5
-TIMEOUT_S = 90
-
-
-def _spawn(world: int, scenario: str, tmp_path) -> list[dict]:
-    """Run ``scenario`` on ``world`` gloo ranks; return each rank's result dict."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, world, scenario, str(tmp_path))) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{scenario}: {len(alive)} rank(s) still running after {TIMEOUT_S}s (deadlock?)"
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r} crashed:\n{res.get('crash')}"
-    return results
-
-
-def _worker(rank: int, world: int, scenario: str, folder: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/store",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        result = SCENARIOS[scenario](rank, world, dist.group.WORLD)
-    except Exception:  # reported to the parent, which fails the test with it
-        result = {"crash": traceback.format_exc()}
-    torch.save(result, f"{folder}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def _global_data(world: int, num_classes: int, seed: int = 0, ignored: bool = True):
@@ -166,7 +122,7 @@ def _close(got, expected, eps):
 
 def test_matches_single_process(tmp_path):
     for world in (2, 3):
-        results = _spawn(world, "match", tmp_path / f"w{world}")
+        results = spawn(world, _scenario_match, tmp_path / f"w{world}")
         num_classes = 23
         for i, cfg in enumerate(CONFIGS):
             cfg = dict(cfg)
@@ -244,7 +200,7 @@ def _scenario_ddp(rank, world, group):
 
 def test_ddp_step_equals_single_process(tmp_path):
     world, num_classes = 2, 11
-    results = _spawn(world, "ddp", tmp_path)
+    results = spawn(world, _scenario_ddp, tmp_path)
     inputs, labels = _ddp_data(world, num_classes)
     model = _ddp_model()
     protos = torch.nn.Parameter(0.01 * torch.randn(num_classes, D, generator=torch.Generator().manual_seed(2)))
@@ -304,11 +260,11 @@ def _scenario_failures(rank, world, group):
 
 
 def test_failures_raise_on_every_rank(tmp_path):
-    results = _spawn(2, "failures", tmp_path)
+    results = spawn(2, _scenario_failures, tmp_path)
     expected = {
         "batch": "batch size",
         "label": "labels",
-        "options": "options",
+        "options": "margin: 0.3 on rank 0",
         "dims": "dimension subset",
         "local_type": "embeddings",
         "shards": "prototypes",
@@ -350,7 +306,7 @@ def _scenario_checkpoint(rank, world, group):
 
 
 def test_shard_checkpoints(tmp_path):
-    results = _spawn(2, "checkpoint", tmp_path)
+    results = spawn(2, _scenario_checkpoint, tmp_path)
     assert [r["range"] for r in results] == [(0, 5), (5, 9)] and [r["rows"] for r in results] == [5, 4]
     for res in results:
         assert res["step"] == 1 and res["seed"] == 3 and res["equal"]
@@ -368,12 +324,5 @@ def test_class_range_blocks():
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
-
-SCENARIOS = {
-    "match": _scenario_match,
-    "ddp": _scenario_ddp,
-    "failures": _scenario_failures,
-    "checkpoint": _scenario_checkpoint,
-}
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -198,3 +198,23 @@ def test_lse_and_target_sharded_equals_fused():
     loss.backward()
     assert abs(loss.item() - fused.item()) <= 1e-5 * abs(fused.item())
     assert _rel(xb.grad, xa.grad) < 2e-3 and _rel(wb.grad, wa.grad) < 2e-3
+
+
+@pytest.mark.parametrize("where", ["nan_prototype", "inf_prototype", "nan_embedding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_inputs_give_a_nan_loss(where, dtype):
+    """A NaN or inf operand must surface as a NaN loss (the GPU's min/max drop NaN unless told not to)."""
+    from unicom_kernels.ops import triton_op
+
+    x, w, target = _inputs(300, 2001, 128, seed=9)
+    if where == "nan_prototype":
+        w[17, 5] = float("nan")
+    elif where == "inf_prototype":
+        w[1999, 0] = float("inf")
+    else:
+        x[3, 7] = float("nan")
+    kw = _kw(dtype)
+    loss, gx, gw = _run(x, w, target, **kw)
+    assert loss.isnan(), f"loss {loss.item()} for {where}"
+    lse, _z_t = triton_op.lse_and_target(x, w, target, **kw)
+    assert lse.isnan().any()

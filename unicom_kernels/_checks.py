@@ -14,6 +14,21 @@ from torch import Tensor
 
 from .margin import MARGIN_GRADS, MARGIN_TYPES
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as a plain ``int`` (numpy integers accepted), checked to be >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_generator(value: object) -> None:
+    """The samplers' ``generator``: ``None`` or a ``torch.Generator``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
+
 
 def _check_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
@@ -81,6 +96,8 @@ def check_options(
         raise ValueError(f"num_dims must be >= 1, got {num_dims}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (labels are compared as int64), got {ignore_index}")
     _check_choice(backend, "backend", backends)
 
 
@@ -106,10 +123,12 @@ def check_inputs(
     ignore_index: int,
     check_finite: bool,
     check_labels: bool = True,
-) -> None:
+) -> Tensor:
     """Check types, shapes, devices and (``check_labels``) the label range against
-    ``prototypes.shape[0]``; optionally that embeddings are finite.
+    ``prototypes.shape[0]``; optionally that embeddings are finite. Returns the labels as int64.
 
+    Labels of any integer dtype are widened to int64 first, so that ``ignore_index`` and the
+    class range are compared as numbers (in uint8, ``-1`` would wrap to 255: class 255).
     The label-range and finiteness checks read one value back to the host.
     """
     x = _check_float_tensor(embeddings, "embeddings")
@@ -135,6 +154,7 @@ def check_inputs(
         raise ValueError(
             f"embeddings, prototypes and labels must be on one device, got {x.device}, {w.device}, {y.device}"
         )
+    y = y.to(torch.int64)
     num_classes = w.shape[0]
     bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
     if check_labels and bad.any():
@@ -142,6 +162,7 @@ def check_inputs(
         raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}")
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or inf (pass check_finite=False to skip this check)")
+    return y
 
 
 def _check_index(index: object, name: str, low: int, high: int, what: str, device: torch.device) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import mean_over_rows
+from .ops import mean_over_rows, once_differentiable
 
 # Fields of the agreement vector.
 _ERROR, _BATCH, _DIM, _ROWS, _OPTIONS, _DIMS, _LABEL_MIN, _LABEL_MAX, _NONFINITE = range(9)
@@ -74,8 +74,18 @@ def agree(group: dist.ProcessGroup, info: list[int], error: Exception | None) ->
     return table
 
 
-def check_agreement(table: Tensor, num_classes: int | None) -> int:
-    """Check the gathered ``table``: equal batch sizes, dims and options, block-sharded
+def _differences(group: dist.ProcessGroup, settings: dict) -> str:
+    """The entries of ``settings`` that differ across ranks, with each rank's value (one collective)."""
+    world = dist.get_world_size(group)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, settings, group=group)
+    names = sorted({k for s in gathered for k in s if len({repr(t.get(k)) for t in gathered}) > 1})
+    return "; ".join(f"{k}: " + ", ".join(f"{s.get(k)!r} on rank {r}" for r, s in enumerate(gathered)) for k in names)
+
+
+def check_agreement(table: Tensor, num_classes: int | None, settings: dict, group: dist.ProcessGroup) -> int:
+    """Check the gathered ``table``: equal batch sizes, dims and ``settings`` (compared by
+    digest; when they differ, every rank gathers them to name what differs), block-sharded
     prototypes, labels in range, finite embeddings. Returns the total class count.
 
     Raises the same ``ValueError`` on every rank (all ranks hold the same table).
@@ -89,7 +99,10 @@ def check_agreement(table: Tensor, num_classes: int | None) -> int:
 
     same(_BATCH, "the local batch size (embeddings.shape[0])")
     same(_DIM, "the embedding dim (embeddings.shape[1])")
-    same(_OPTIONS, "the loss options (scale, margin, types, rates, num_dims, ignore_index, backend, seed, step)")
+    if len(set(table[:, _OPTIONS].tolist())) > 1:
+        raise ValueError(
+            f"the loss settings must be equal on every rank; they differ in {_differences(group, settings)}"
+        )
     same(_DIMS, "the dimension subset (dim_index or the dimension sampler's generator state)")
     rows = table[:, _ROWS].tolist()
     total = sum(rows) if num_classes is None else num_classes
@@ -165,7 +178,8 @@ class _GatherRows(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
         _reduce_scatter(out, grad.contiguous(), group=ctx.group)
-        return out * ctx.grad_scale, None, None
+        (out,) = once_differentiable("the cross-rank gather of embeddings (process_group)", out * ctx.grad_scale)
+        return out, None, None
 
 
 def all_gather_rows(x: Tensor, group: dist.ProcessGroup, grad_scale: float = 1.0) -> Tensor:

@@ -9,6 +9,7 @@ the classes are sharded across ranks (:mod:`unicom_kernels.distributed`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -41,6 +42,13 @@ class _Options:
 
     def __post_init__(self) -> None:
         _checks.check_options(**asdict(self), backends=BACKENDS)
+        # Plain Python values (numpy scalars accepted): the options' digest, compared across
+        # ranks, must not depend on how a rank spelled them.
+        for name in ("scale", "margin", "class_sample_rate", "dim_sample_rate"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
+        if self.num_dims is not None:
+            object.__setattr__(self, "num_dims", int(self.num_dims))
 
     def margin_kwargs(self) -> dict:
         return {
@@ -57,11 +65,19 @@ def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 def _check_tensors(
-    embeddings: Tensor, prototypes: Tensor, labels: Tensor, opts: _Options, check_finite: bool, sharded: bool = False
-) -> None:
-    """Input checks, then whether the backend can run them. Sharded: the label range and
-    finiteness are agreed across ranks instead (see :mod:`unicom_kernels.distributed`)."""
-    _checks.check_inputs(
+    embeddings: Tensor,
+    prototypes: Tensor,
+    labels: Tensor,
+    opts: _Options,
+    check_finite: bool,
+    sharded: bool = False,
+    generator: object = None,
+) -> Tensor:
+    """Input checks, then whether the backend can run them; returns the labels as int64.
+    Sharded: the label range and finiteness are agreed across ranks instead (see
+    :mod:`unicom_kernels.distributed`)."""
+    _checks.check_generator(generator)
+    labels = _checks.check_inputs(
         embeddings,
         prototypes,
         labels,
@@ -70,6 +86,16 @@ def _check_tensors(
         check_labels=not sharded,
     )
     check_backend(opts.backend, embeddings.device, _compute_dtype(embeddings.dtype, prototypes.dtype))
+    return labels
+
+
+def _settings(opts: _Options, embeddings: object, prototypes: object, **state: object) -> dict:
+    """What must be equal on every rank: the options, the input dtypes and the caller's ``state``."""
+
+    def dtype(t: object) -> str | None:
+        return str(t.dtype) if isinstance(t, Tensor) else None
+
+    return {**asdict(opts), "embeddings.dtype": dtype(embeddings), "prototypes.dtype": dtype(prototypes), **state}
 
 
 def _local_positives(labels: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
@@ -122,26 +148,36 @@ def _sharded_loss(
     num_classes: int | None,
     choose_dims: Callable[[], Tensor | None],
     choose_classes: ClassChooser,
-    fingerprint: int,
+    settings: dict,
     check_finite: bool,
+    generator: object = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The loss with classes sharded across ``group``; ``shard`` is this rank's ``[C_r, D]`` block.
 
-    Every check that could fail on one rank only is agreed on first, so all ranks raise
-    together. Returns ``(loss, class_index, dim_index)``, the classes as global ids.
+    Everything that could fail on one rank only runs before the agreements, and any
+    exception there (not only the checks' own) is agreed on, so all ranks raise together
+    instead of the others waiting in the next collective. ``settings`` (options, dtypes,
+    the module's state) must be equal on every rank. Returns ``(loss, class_index,
+    dim_index)``, the classes as global ids.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     error, info, dim_index = None, _dist.failed_info(), None
     try:
-        _check_tensors(embeddings, shard, labels, opts, check_finite, sharded=True)
+        labels = _check_tensors(embeddings, shard, labels, opts, check_finite, sharded=True, generator=generator)
         dim_index = choose_dims()
         dims_digest = _dist.fingerprint(None if dim_index is None else dim_index.tolist())
         info = _dist.local_info(
-            embeddings, shard.shape[0], labels, opts.ignore_index, fingerprint, dims_digest, check_finite
+            embeddings,
+            shard.shape[0],
+            labels,
+            opts.ignore_index,
+            _dist.fingerprint(settings),
+            dims_digest,
+            check_finite,
         )
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:
         error = exc
-    total = _dist.check_agreement(_dist.agree(group, info, error), num_classes)
+    total = _dist.check_agreement(_dist.agree(group, info, error), num_classes, settings, group)
     start, stop = _dist.class_range(total, rank, world)
 
     all_labels = _dist.all_gather_labels(labels, group)
@@ -149,7 +185,7 @@ def _sharded_loss(
     try:
         positives = _local_positives(all_labels, opts.ignore_index, start, stop)
         class_index = choose_classes(positives, start, stop - start)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:
         error = exc
     _dist.agree(group, _dist.failed_info(), error)
 
@@ -219,9 +255,14 @@ def dual_partial_margin_loss(
         0-dim loss, the mean over non-ignored (global) rows (fp32; fp64 for fp64 inputs);
         ``0`` with zero gradients when every row is ignored. Identical on every rank.
     """
-    opts = _Options(
-        scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
-    )
+    try:
+        opts = _Options(
+            scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
+        )
+    except (TypeError, ValueError) as exc:
+        if process_group is not None:  # the other ranks are waiting in the first agreement
+            _dist.agree(process_group, _dist.failed_info(), exc)
+        raise
 
     def choose_dims() -> Tensor | None:
         dim = embeddings.shape[1]
@@ -236,7 +277,6 @@ def dual_partial_margin_loss(
         return _checks.check_class_index(class_index, positives, start, start + num_local)
 
     if process_group is not None:
-        options_digest = _dist.fingerprint(asdict(opts), embeddings.dtype if isinstance(embeddings, Tensor) else None)
         loss, _, _ = _sharded_loss(
             embeddings,
             prototypes,
@@ -246,11 +286,12 @@ def dual_partial_margin_loss(
             num_classes=None,
             choose_dims=choose_dims,
             choose_classes=choose_classes,
-            fingerprint=options_digest,
+            settings=_settings(opts, embeddings, prototypes),
             check_finite=check_finite,
+            generator=generator,
         )
         return loss
-    _check_tensors(embeddings, prototypes, labels, opts, check_finite)
+    labels = _check_tensors(embeddings, prototypes, labels, opts, check_finite, generator=generator)
     num_classes = prototypes.shape[0]
     positives = _local_positives(labels, ignore_index, 0, num_classes)
     selected = choose_classes(positives, 0, num_classes)
@@ -292,11 +333,11 @@ class DualPartialMarginLoss(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        num_classes = _checks.check_positive_int(num_classes, "num_classes")
+        embedding_dim = _checks.check_positive_int(embedding_dim, "embedding_dim")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        seed = int(seed)
         self.options = _Options(
             scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
         )
@@ -331,19 +372,20 @@ class DualPartialMarginLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         opts = self.options
         if self.process_group is None:
-            _check_tensors(embeddings, self.weight, labels, opts, self.check_finite)
+            labels = _check_tensors(embeddings, self.weight, labels, opts, self.check_finite)
             positives = _local_positives(labels, opts.ignore_index, 0, self.num_classes)
             class_index = self._choose_classes(positives, 0, self.num_classes)
             dim_index = self._choose_dims(embeddings.device)
             loss = _single_process_loss(embeddings, self.weight, labels, class_index, dim_index, opts)
         else:
-            digest = _dist.fingerprint(
-                asdict(opts),
-                self.num_classes,
-                self.seed,
-                self.step,
-                self.training,
-                embeddings.dtype if isinstance(embeddings, Tensor) else None,
+            settings = _settings(
+                opts,
+                embeddings,
+                self.weight,
+                num_classes=self.num_classes,
+                seed=self.seed,
+                step=self.step,
+                training=self.training,
             )
             loss, class_index, dim_index = _sharded_loss(
                 embeddings,
@@ -354,7 +396,7 @@ class DualPartialMarginLoss(nn.Module):
                 num_classes=self.num_classes,
                 choose_dims=lambda: self._choose_dims(embeddings.device),
                 choose_classes=self._choose_classes,
-                fingerprint=digest,
+                settings=settings,
                 check_finite=self.check_finite,
             )
         self.last_class_index, self.last_dim_index = class_index, dim_index

@@ -2,7 +2,9 @@
 
 This is how insightface's Partial FC computes the loss (dense logits, margin on the
 target column, cross-entropy), kept as the semantic reference and the baseline the
-fused backends are measured against. Memory is ``O(N * n)``.
+fused backends are measured against. Memory is ``O(N * n)``. Every step is a
+differentiable torch op (the margin's backward too), so it is also the backend for
+higher-order gradients (a gradient penalty).
 """
 
 from __future__ import annotations
@@ -12,6 +14,22 @@ from torch import Tensor
 
 from .margin import target_logit
 from .ops import normalize_rows
+
+
+class _MarginedTarget(torch.autograd.Function):
+    """``z_t`` of :func:`target_logit` whose backward multiplies by its ``dz_dc`` (the gradient
+    mode), written in torch ops on the saved cosine so that it can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, cos_t: Tensor, margin_args: dict) -> Tensor:
+        ctx.save_for_backward(cos_t)
+        ctx.margin_args = margin_args
+        return target_logit(cos_t, **margin_args)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (cos_t,) = ctx.saved_tensors
+        return grad * target_logit(cos_t, **ctx.margin_args)[1], None
 
 
 def lse_and_target(
@@ -43,11 +61,8 @@ def lse_and_target(
     has_target = target >= 0
     col = target.clamp_min(0).unsqueeze(1)
     cos_t = cos.gather(1, col).squeeze(1)
-    z_t, dz_dc = target_logit(
-        cos_t.detach(), scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad
-    )
-    # Value z_t with slope dz_dc: the margin's gradient mode in one expression.
-    z_t = z_t + dz_dc * (cos_t - cos_t.detach())
+    margin_args = {"scale": scale, "margin": margin, "margin_type": margin_type, "margin_grad": margin_grad}
+    z_t = _MarginedTarget.apply(cos_t, margin_args)
     # Rows without a target here write their own logit back: no change.
     z_t = torch.where(has_target, z_t, scale * cos_t)
     logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))

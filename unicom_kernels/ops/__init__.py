@@ -71,6 +71,36 @@ def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = to
     return importlib.import_module(_BACKENDS[resolve_backend(name, device, compute_dtype)])
 
 
+class _NotDifferentiableAgain(torch.autograd.Function):
+    """Passes gradients through unchanged; differentiating them raises (see :func:`once_differentiable`)."""
+
+    @staticmethod
+    def forward(ctx, what: str, _anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
+        ctx.what = what
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(
+            f"{ctx.what} forms its gradient without recording how, so it cannot be differentiated again "
+            "(a backward through a gradient taken with create_graph=True, e.g. a gradient penalty). "
+            "Use backend='reference' without process_group for higher-order gradients."
+        )
+
+
+def once_differentiable(what: str, *grads: Tensor) -> tuple[Tensor, ...]:
+    """``grads`` (returned by a backward), marked so that a second backward through them raises.
+
+    Called inside ``backward``: with ``create_graph=True`` grad mode is on there, and a
+    gradient computed without autograd would otherwise act as a constant, silently giving a
+    wrong higher-order gradient. The first-order gradient itself stays available.
+    """
+    if not torch.is_grad_enabled():
+        return grads
+    anchor = torch.zeros((), requires_grad=True)  # makes the outputs part of the graph
+    return _NotDifferentiableAgain.apply(what, anchor, *grads)
+
+
 def mean_over_rows(per_row: Tensor, valid: Tensor) -> Tensor:
     """Mean of ``per_row [N]`` over the ``valid`` rows; 0 (with zero gradients) if there are none."""
     return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)

@@ -35,11 +35,12 @@ import torch
 from torch import Tensor
 
 from ..margin import target_logit
-from . import EPS, accumulation_dtype, mean_over_rows
+from . import EPS, accumulation_dtype, mean_over_rows, once_differentiable
 
 # 32 MiB of fp32 logits per chunk: at n = 50k that is 167 rows, enough for the GEMMs
 # to run near full speed (below ~100 rows they slow down by a third on CPU).
 CHUNK_ELEMENTS = 1 << 23
+_NAME = "backend='torch'"
 
 
 class _Unit:
@@ -164,9 +165,9 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         # The loss is usually the graph's root (grad_out == 1): hand the buffers over instead
         # of copying them, which halves the backward's peak. Reading grad_out is free on the
         # CPU; elsewhere it would wait for the device, so there the product is always formed.
-        if grad_out.device.type == "cpu" and grad_out.item() == 1.0:
-            return grad_x, grad_w, None, None, None, None
-        return grad_x * grad_out, grad_w * grad_out, None, None, None, None
+        if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
+            grad_x, grad_w = grad_x * grad_out, grad_w * grad_out
+        return *once_differentiable(_NAME, grad_x, grad_w), None, None, None, None
 
 
 class _ChunkedLseAndTarget(torch.autograd.Function):
@@ -184,7 +185,7 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         problem = ctx.problem
         del ctx.problem
         _, grad_x, grad_w = problem.run(grad_lse, torch.where(problem.has_target, grad_z_t, 0.0))
-        return grad_x, grad_w, None, None, None, None
+        return *once_differentiable(_NAME, grad_x, grad_w), None, None, None, None
 
 
 def _margin_args(margin: float, margin_type: str, margin_grad: str) -> dict:

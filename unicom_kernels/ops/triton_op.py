@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_logit
-from . import normalize_rows
+from . import normalize_rows, once_differentiable
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -122,8 +122,9 @@ def _grads(ctx, rowscale: Tensor, tcoef: Tensor, gscale: Tensor):
     xn, wn, target, lse = ctx.saved_tensors[:4]
     grad_x = grad_w = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x, grad_w = _backward_op(
-            xn, wn, target, lse, rowscale, tcoef, gscale.reshape(()), ctx.scale, ctx.compute_dtype
+        grad_x, grad_w = once_differentiable(
+            "backend='triton'",
+            *_backward_op(xn, wn, target, lse, rowscale, tcoef, gscale.reshape(()), ctx.scale, ctx.compute_dtype),
         )
     return (
         grad_x if ctx.needs_input_grad[0] else None,

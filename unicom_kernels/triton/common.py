@@ -36,6 +36,17 @@ def dot_precision(compute_dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def clamp_cosine(c):
+    """``clamp(c, -1, 1)`` that keeps NaN: a NaN or inf operand must reach the loss as NaN.
+
+    Plain ``tl.minimum``/``tl.maximum`` return the non-NaN operand on a GPU, which would turn a
+    poisoned cosine into a finite +-1 and hide a diverging run behind a finite loss.
+    """
+    c = tl.maximum(c, -1.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(c, 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def cosine_tile(
     x_ptr,
     w_ptr,

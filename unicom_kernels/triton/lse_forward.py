@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import UPCAST, cosine_tile, dot_precision
+from .common import UPCAST, clamp_cosine, cosine_tile, dot_precision
 from .configs import get_configs
 
 # tl.range(..., flatten=True) exists in recent Triton only (3.2 lacks it).
@@ -63,7 +63,7 @@ def _fold_tile(
     cos = cosine_tile(
         x_ptr, w_ptr, offs_m, offs_n, N, n, K, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION
     )
-    z = scale * tl.minimum(tl.maximum(cos, -1.0), 1.0)
+    z = scale * clamp_cosine(cos)
     z = tl.where(offs_n[None, :] == target[:, None], z_t[:, None], z)
     z = tl.where(offs_n[None, :] < n, z, float("-inf"))
     # Every tile the caller folds has a real class, so the new maximum is finite and

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import UPCAST, cosine_tile, dot_precision
+from .common import UPCAST, clamp_cosine, cosine_tile, dot_precision
 from .configs import TileConfig
 
 
@@ -81,7 +81,7 @@ def _softmax_grad_kernel(
     rowscale = tl.load(rowscale_ptr + offs_m, mask=row_ok, other=0.0)
     # torch.clamp passes the gradient where min <= c <= max (inclusive).
     inside = (cos > -1.0) & (cos < 1.0)  # torch.clamp's gradient mask
-    z = scale * tl.minimum(tl.maximum(cos, -1.0), 1.0)
+    z = scale * clamp_cosine(cos)
     # p = exp(z - LSE) <= 1 (LSE includes z). The min() only matters for the padding of
     # ragged tiles (cos = 0 there, LSE may be ~ -s), which would overflow to inf unstored.
     prob = tl.exp(tl.minimum(z - lse[:, None], 0.0))

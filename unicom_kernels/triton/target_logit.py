@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..margin import _SIN_FLOOR
+from .common import clamp_cosine
 
 MARGIN_CODES = {"arcface": 0, "cosface": 1, "none": 2}
 
@@ -70,7 +71,7 @@ def _target_logit_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+    c = clamp_cosine(raw)
     if MARGIN == 0:
         sin_t = tl.sqrt(tl.maximum(1.0 - c * c, 0.0))
         z = scale * (c * cos_m - sin_t * sin_m)
