@@ -92,5 +92,5 @@ def test_run_writes_outputs(tmp_path):
     assert np.load(tmp_path / "c" / "centroids.npy").shape == (summary["kept_clusters"], 32)
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["points"] == 201
     assert (tmp_path / "c" / "sizes.csv").read_text().startswith("label,size\n")
-    with pytest.raises(config.ConfigError, match="num_clusters"):
-        run(config.make(ClusterConfig, {**vars(cfg), "num_clusters": 500}), quiet=True)
+    with pytest.raises(config.ConfigError, match="num_clusters=500 exceeds the 201 feature rows"):
+        run(config.make(ClusterConfig, {**vars(cfg), "num_clusters": 500, "train_size": 0}), quiet=True)

@@ -11,6 +11,11 @@ Output folder::
 faiss uses the GPUs it sees (``faiss.get_num_gpus() > 0``; all of them for training, the local
 one per rank for assignment), the CPU otherwise. Under ``torchrun`` rank 0 trains, then every
 rank assigns a contiguous block of rows and rank 0 joins the blocks.
+
+Refused before k-means: ``0 < train_size < num_clusters``, fewer feature rows than
+``num_clusters`` or than ``min_cluster_size``, and feature rows holding NaN/inf (the message
+names the shard and row). After assignment, a ``min_cluster_size`` that drops every cluster is
+an error too, naming what to lower.
 """
 
 from __future__ import annotations
@@ -45,9 +50,15 @@ class ClusterConfig:
     def validate(self) -> None:
         config.required("features_dir", self.features_dir)
         config.required("output_dir", self.output_dir)
+        config.writable_location("output_dir", self.output_dir)
         for name in ("num_clusters", "niter", "nredo", "min_cluster_size", "assign_batch"):
             config.positive(name, getattr(self, name))
         config.positive("train_size", self.train_size, allow_zero=True)
+        if 0 < self.train_size < self.num_clusters:
+            raise config.ConfigError(
+                f"'train_size' {self.train_size} is below num_clusters={self.num_clusters}: k-means needs at least "
+                "one training point per cluster (set train_size >= num_clusters, or 0 for every row)"
+            )
 
 
 def _gpus(use_gpu: bool) -> int:
@@ -152,6 +163,11 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
     if info.is_main:
         if n < cfg.num_clusters:
             raise config.ConfigError(f"num_clusters={cfg.num_clusters} exceeds the {n} feature rows")
+        if cfg.min_cluster_size > n:
+            raise config.ConfigError(
+                f"min_cluster_size={cfg.min_cluster_size} exceeds the {n} feature rows: every cluster would be dropped"
+            )
+        store.check_finite()
         rng = np.random.default_rng(cfg.seed)
         if cfg.train_size and cfg.train_size < n:
             sample = store.take(np.sort(rng.choice(n, cfg.train_size, replace=False)))
@@ -173,7 +189,14 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
     if info.is_main:
         parts = [out / f"labels.rank{r:05d}.npy" for r in range(info.world_size)]
         labels = np.concatenate([np.load(p) for p in parts])
+        for p in parts:
+            p.unlink()
         new_labels, kept = drop_small(labels, cfg.num_clusters, cfg.min_cluster_size)
+        if len(kept) == 0:
+            raise config.ConfigError(
+                f"all {cfg.num_clusters} clusters have fewer than min_cluster_size={cfg.min_cluster_size} points "
+                f"(the largest has {np.bincount(labels).max()}); lower min_cluster_size or num_clusters"
+            )
         sizes = np.bincount(new_labels[new_labels >= 0], minlength=len(kept))
         atomic.save_npy(out / "labels.npy", new_labels)
         atomic.save_npy(out / "centroids.npy", centroids[kept])
@@ -189,8 +212,6 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
             "seconds": round(time.perf_counter() - start_time, 2),
         }
         atomic.write_json(out / "summary.json", summary)
-        for p in parts:
-            p.unlink()
         if not quiet:
             print(
                 f"cluster: {len(kept)} of {cfg.num_clusters} clusters kept, "

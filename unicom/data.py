@@ -17,6 +17,8 @@ Sources and their sample ids:
   ``shard-{000..009}.tar``; a sample is the group of members sharing a key
   (``<key>.jpg|png|...``, ``<key>.txt`` caption, ``<key>.cls`` integer label); id = ``<key>``.
   Tar headers are indexed once, so samples are read by offset (random access, exact resume).
+  A truncated shard (or a ``.cls`` that is not an integer) is an error naming the shard; with
+  ``skip_bad`` its intact samples are kept and the damaged one is skipped and counted.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ FORMATS = ("auto", "folder", "list", "wds")
 class DataError(UserError, RuntimeError):
     """A data source or one of its samples cannot be read; the message names the file / sample."""
 
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error is re-raised in the main process as this class built from
+        # "Caught DataError in DataLoader worker process N.\nOriginal Traceback ...": keep only the
+        # worker's own one-line message (the last line of that traceback).
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            lines = [line for line in message.splitlines() if line.startswith(prefix)]
+            message = lines[-1][len(prefix) :] if lines else message
+        super().__init__(message)
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -57,6 +69,7 @@ class Record:
     location: str
     offset: int = -1
     size: int = -1
+    error: str | None = None  # why the sample cannot be read, found while indexing (a skip_bad source)
 
 
 class Source:
@@ -84,8 +97,10 @@ class Source:
         return np.array([-1 if r.label is None else r.label for r in self.records], dtype=np.int64)
 
     def read_bytes(self, index: int) -> bytes:
-        """The encoded image of sample ``index``; raises :class:`DataError` for a missing file."""
+        """The encoded image of sample ``index``; raises :class:`DataError` for a missing file or damaged sample."""
         rec = self.records[index]
+        if rec.error:
+            raise DataError(rec.error)
         try:
             with open(rec.location, "rb") as handle:
                 if rec.offset >= 0:
@@ -126,7 +141,7 @@ def _label_map(raw: Sequence[str | None]) -> tuple[list[int | None], list[str] |
 
 def _read_caption(path: str) -> str | None:
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             return handle.read().strip()
     except FileNotFoundError:
         return None
@@ -164,7 +179,7 @@ def list_source(path: str | os.PathLike, root: str | os.PathLike | None = None) 
     base = Path(root) if root else path.parent
     rows: list[dict[str, str | None]] = []
     if path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: drop a byte-order mark
             reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             fields = reader.fieldnames or []
             column = "path" if "path" in fields else "image" if "image" in fields else None
@@ -175,7 +190,7 @@ def list_source(path: str | os.PathLike, root: str | os.PathLike | None = None) 
                     {"path": row[column], "id": row.get("id"), "label": row.get("label"), "caption": row.get("caption")}
                 )
     else:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for n, line in enumerate(handle, 1):
                 parts = line.strip().split()
                 if not parts:
@@ -226,52 +241,85 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def wds_source(spec: str) -> Source:
-    """Index webdataset tar shards (see module docstring); labels from ``.cls``, captions from ``.txt``."""
-    records: list[Record] = []
-    for shard in expand_shards(spec):
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        order: list[str] = []
-        try:
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
+def _member_text(handle: io.BufferedReader, member: tarfile.TarInfo) -> str:
+    handle.seek(member.offset_data)
+    return handle.read(member.size).decode("utf-8-sig", errors="replace").strip()
+
+
+def _index_shard(shard: str, skip_bad: bool) -> list[Record]:
+    """The records of one tar shard (see :func:`wds_source`)."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    size = os.path.getsize(shard)
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.ReadError:  # the previous member's data runs past the end (or a header is damaged)
+                    cut_off = True
+                    break
+                if member is None:
+                    # A whole archive ends with zero blocks; less than one block left = a header cut off.
+                    cut_off = size - tar.offset < tarfile.BLOCKSIZE
+                    break
+                if member.isfile():
                     key, ext = _split_key(member.name)
-                    if key not in groups:
-                        groups[key] = {}
-                        order.append(key)
-                    groups[key][ext] = member
-                texts = {}
-                for key in order:
-                    for ext in ("txt", "cls"):
-                        if ext in groups[key]:
-                            handle = tar.extractfile(groups[key][ext])
-                            texts[key, ext] = handle.read().decode("utf-8").strip() if handle else None
-        except tarfile.TarError as exc:
-            raise DataError(f"cannot read webdataset shard {shard}: {exc}") from exc
-        for key in order:
-            members = groups[key]
+                    groups.setdefault(key, {})[ext] = member
+    except tarfile.TarError as exc:
+        raise DataError(f"cannot read webdataset shard {shard}: {exc}") from exc
+    broken = {key: m.name for key, ms in groups.items() for m in ms.values() if m.offset_data + m.size > size}
+    if (cut_off or broken) and not skip_bad:
+        where = f" inside member {next(iter(broken.values()))!r}" if broken else ""
+        raise DataError(f"webdataset shard {shard} is truncated{where} (--skip-bad keeps its intact samples)")
+    records = []
+    with open(shard, "rb") as handle:
+        for key, members in groups.items():
             image_ext = next((e for e in members if "." + e.split(".")[-1] in IMAGE_EXTENSIONS), None)
             if image_ext is None:
                 continue
-            member = members[image_ext]
-            cls = texts.get((key, "cls"))
+            texts: dict[str, str] = {}
+            label, error = None, None
+            if key in broken:
+                error = f"sample {key!r}: webdataset shard {shard} is truncated inside member {broken[key]!r}"
+            else:
+                texts = {ext: _member_text(handle, members[ext]) for ext in ("txt", "cls") if ext in members}
+                try:
+                    label = int(texts["cls"]) if texts.get("cls") else None
+                except ValueError:
+                    error = f"webdataset shard {shard}, sample {key!r}: .cls must be an integer, got {texts['cls']!r}"
+                    if not skip_bad:
+                        raise DataError(f"{error} (--skip-bad skips such samples)") from None
+            image = members[image_ext]
             records.append(
                 Record(
                     id=key,
-                    label=int(cls) if cls not in (None, "") else None,
-                    caption=texts.get((key, "txt")),
+                    label=label,
+                    caption=None if error else texts.get("txt"),
                     location=shard,
-                    offset=member.offset_data,
-                    size=member.size,
+                    offset=image.offset_data,
+                    size=image.size,
+                    error=error,
                 )
             )
+    return records
+
+
+def wds_source(spec: str, skip_bad: bool = False) -> Source:
+    """Index webdataset tar shards (see module docstring); labels from ``.cls``, captions from ``.txt``.
+
+    A truncated shard or a non-integer ``.cls`` raises :class:`DataError` naming the shard. With
+    ``skip_bad`` the intact samples are kept and a damaged one is indexed with its ``error``, so
+    that loading it fails and :class:`ImageDataset` skips and counts it like any bad image.
+    """
+    records = [record for shard in expand_shards(spec) for record in _index_shard(shard, skip_bad)]
     return Source(records, f"webdataset shards {spec}")
 
 
-def open_source(path: str, data_format: str = "auto", root: str | None = None) -> Source:
-    """Open ``path`` as a folder, list file or webdataset shards (``data_format='auto'`` guesses from the path)."""
+def open_source(path: str, data_format: str = "auto", root: str | None = None, skip_bad: bool = False) -> Source:
+    """Open ``path`` as a folder, list file or webdataset shards (``data_format='auto'`` guesses from the path).
+
+    ``skip_bad`` keeps the intact samples of damaged webdataset shards (see :func:`wds_source`).
+    """
     if data_format not in FORMATS:
         raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
     if not path:
@@ -289,7 +337,7 @@ def open_source(path: str, data_format: str = "auto", root: str | None = None) -
         return folder_source(path)
     if data_format == "list":
         return list_source(path, root)
-    return wds_source(path)
+    return wds_source(path, skip_bad)
 
 
 def load_pseudo_labels(cluster_dir: str | os.PathLike) -> dict[str, int]:

@@ -12,11 +12,16 @@
 5. **Evaluation** (``unicom.evaluate``) on the held-out images with their real labels: raw pixels,
    the untrained model and the trained model. The table goes to ``results.md`` / ``results.csv``,
    the loss curve to ``loss.png``.
+
+A rerun in the same ``output_dir`` reuses the digits and features; one with another split or
+feature model is refused unless ``--overwrite``, which replaces them (two splits never mix).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,18 +66,35 @@ class DemoConfig:
     crop_scale: float = field(default=0.8, metadata={"help": "smallest random-crop area fraction"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
     seed: int = field(default=0, metadata={"help": "seed of split, k-means, init and training"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an earlier demo in output_dir of another split or feature model"}
+    )
 
     def validate(self) -> None:
+        config.required("output_dir", self.output_dir)
+        config.writable_location("output_dir", self.output_dir)
         config.choice("split", self.split, ("sample", "class"))
         config.choice("feature_model", self.feature_model, ("pixels", "tiny-clip"))
         for name in ("num_clusters", "embedding_dim", "steps", "batch_size", "lr", "threads"):
             config.positive(name, getattr(self, name))
         if not 0 < self.test_fraction < 1:
             raise config.ConfigError(f"'test_fraction' must be in (0, 1), got {self.test_fraction}")
+        if not all(0 <= c <= 9 for c in self.test_classes):
+            raise config.ConfigError(f"'test_classes' must be digits 0..9, got {self.test_classes}")
+        if self.split == "class" and not 0 < len(set(self.test_classes)) < 10:
+            raise config.ConfigError(
+                f"'test_classes' must hold 1 to 9 of the 10 digits with split=class (the others are trained on), "
+                f"got {self.test_classes}"
+            )
 
 
-def write_digits(root: Path, cfg: DemoConfig) -> tuple[int, int]:
-    """Write the digits as PNGs: ``root/train/NNNN.png`` (unlabelled) and ``root/test/<digit>/NNNN.png``."""
+def write_digits(root: Path, cfg: DemoConfig) -> tuple[int, int, bool]:
+    """Write the digits as PNGs: ``root/train/NNNN.png`` (unlabelled) and ``root/test/<digit>/NNNN.png``.
+
+    Returns (training images, held-out images, whether they were (re)written). ``root/done.json``
+    records the split; digits of another split are refused unless ``cfg.overwrite``, and replaced
+    as a whole, so images of two splits never mix.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -86,21 +108,30 @@ def write_digits(root: Path, cfg: DemoConfig) -> tuple[int, int]:
         for c in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == c))
             is_test[members[: int(round(cfg.test_fraction * len(members)))]] = True
+    counts = int((~is_test).sum()), int(is_test.sum())
     done = root / "done.json"
-    expected = {
-        "split": cfg.split,
-        "test_fraction": cfg.test_fraction,
-        "test_classes": cfg.test_classes,
-        "seed": cfg.seed,
-    }
-    if done.is_file() and json.loads(done.read_text()) == expected:
-        return int((~is_test).sum()), int(is_test.sum())
+    if cfg.split == "class":
+        expected = {"split": cfg.split, "test_classes": sorted(set(cfg.test_classes))}
+    else:
+        expected = {"split": cfg.split, "test_fraction": cfg.test_fraction, "seed": cfg.seed}
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous == expected:
+            return *counts, False
+        if not cfg.overwrite:
+            raise config.ConfigError(
+                f"{root} holds the digits of another split ({previous}, not {expected}); "
+                "use another output_dir or --overwrite"
+            )
+    # Another split, or a run killed while writing: start from an empty folder.
+    shutil.rmtree(root, ignore_errors=True)
     for i, (image, label, test) in enumerate(zip(images, labels, is_test, strict=True)):
         path = root / ("test" if test else "train") / (str(label) if test else "") / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(path)
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="L").save(buffer, format="PNG")
+        atomic.write_bytes(path, buffer.getvalue())
     atomic.write_json(done, expected)
-    return int((~is_test).sum()), int(is_test.sum())
+    return *counts, True
 
 
 def plot_loss(train_dir: Path, path: Path) -> None:
@@ -116,10 +147,10 @@ def plot_loss(train_dir: Path, path: Path) -> None:
     ax.set(xlabel="step", ylabel="loss", title="DualPartialMarginLoss on k-means pseudo-labels (digits)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def run(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -138,7 +169,9 @@ def _run(cfg: DemoConfig, progress: bool) -> dict:
     say = print if progress else (lambda *a, **k: None)
 
     t = time.perf_counter()
-    n_train, n_test = write_digits(out / "data", cfg)
+    n_train, n_test, fresh = write_digits(out / "data", cfg)
+    if fresh:  # features of earlier images must not be resumed for the new ones
+        shutil.rmtree(out / "features", ignore_errors=True)
     times["data"] = time.perf_counter() - t
     split = f"held-out digits {cfg.test_classes}" if cfg.split == "class" else f"{cfg.test_fraction:.0%} of each digit"
     say(f"[1/5] digits: {n_train} training images (labels unused), {n_test} held-out ({split})")
@@ -146,28 +179,19 @@ def _run(cfg: DemoConfig, progress: bool) -> dict:
     model_config = out / f"{TINY_NAME}.json"
     atomic.write_json(model_config, TINY_CLIP)
     t = time.perf_counter()
+    common = dict(
+        data=str(out / "data/train"),
+        output_dir=str(out / "features"),
+        mode="image",
+        shard_size=1000,
+        num_workers=cfg.num_workers,
+        overwrite=cfg.overwrite,
+    )
     if cfg.feature_model == "pixels":
-        feat_cfg = FeaturesConfig(
-            data=str(out / "data/train"),
-            output_dir=str(out / "features"),
-            model="pixels",
-            mode="image",
-            shard_size=1000,
-            dtype="float32",
-            num_workers=cfg.num_workers,
-        )
+        feat_cfg = FeaturesConfig(model="pixels", dtype="float32", **common)
         what = "raw pixels (16x16), no pretrained CLIP weights available offline"
     else:
-        feat_cfg = FeaturesConfig(
-            data=str(out / "data/train"),
-            output_dir=str(out / "features"),
-            model=TINY_NAME,
-            model_config=str(model_config),
-            mode="image",
-            shard_size=1000,
-            dtype="float16",
-            num_workers=cfg.num_workers,
-        )
+        feat_cfg = FeaturesConfig(model=TINY_NAME, model_config=str(model_config), dtype="float16", **common)
         what = "a RANDOMLY INITIALISED tiny open_clip tower (no pretrained weights available offline)"
     extract(feat_cfg, quiet=not progress)
     times["features"] = time.perf_counter() - t

@@ -13,6 +13,11 @@ Output folder::
 
 A shard is done when its ``.npy`` exists (written atomically after its ids), so a rerun skips it.
 Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes the index.
+
+A rerun with other settings (see ``meta.json``) is refused unless ``--overwrite``, which first
+deletes the old ``index.json``, ``ids.txt`` and shards, then writes the new ``meta.json``: a run
+killed part-way leaves no index (readers refuse the folder) and a rerun with the new settings
+resumes it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class FeaturesConfig:
     def validate(self) -> None:
         config.required("data", self.data)
         config.required("output_dir", self.output_dir)
+        config.writable_location("output_dir", self.output_dir)
         config.choice("mode", self.mode, MODES)
         config.choice("dtype", self.dtype, ("float16", "float32"))
         for name in ("batch_size", "shard_size", "pixel_size"):
@@ -179,7 +185,7 @@ def _extract_shard(
 def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
     """Run the features step; returns the index dict (also written to ``index.json``)."""
     info = dist.setup(cfg.device, timeout_hours=24)
-    source = open_source(cfg.data, cfg.data_format, cfg.data_root)
+    source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
     out = Path(cfg.output_dir)
     meta = _fingerprint(cfg, source)
     meta_path = out / "meta.json"
@@ -193,8 +199,9 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
                         f"{out} holds features made with different settings ({diff}); "
                         "use another output_dir or --overwrite"
                     )
-                for p in out.glob("shard_*"):
-                    p.unlink()
+                # The index goes first: until the new one is written, no reader takes the folder as complete.
+                for p in [out / "index.json", out / "ids.txt", *out.glob("shard_*")]:
+                    p.unlink(missing_ok=True)
         atomic.write_json(meta_path, meta)
     dist.barrier()
     num_shards = -(-len(source) // cfg.shard_size)
@@ -277,6 +284,21 @@ class FeatureStore:
             if lo < hi:
                 parts.append(np.asarray(arr[lo - self.offsets[s] : hi - self.offsets[s]], dtype=np.float32))
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def check_finite(self, batch: int = 65536) -> None:
+        """Raise :class:`DataError` naming the first shard and row holding NaN/inf values.
+
+        One pass over the rows, ``batch`` at a time (NaN/inf breaks k-means and nearest-centroid search).
+        """
+        for entry, arr in zip(self.index["shards"], self.shards, strict=True):
+            bad = [a + np.flatnonzero(~np.isfinite(arr[a : a + batch]).all(axis=1)) for a in range(0, len(arr), batch)]
+            count = sum(len(b) for b in bad)
+            if count:
+                first = int(next(b[0] for b in bad if len(b)))
+                raise DataError(
+                    f"{self.path / entry['file']}: {count} row(s) hold NaN/inf values, the first is row {first}; "
+                    "recompute the features"
+                )
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows at sorted ``indices`` as float32 ``[len(indices), dim]``."""
