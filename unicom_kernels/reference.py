@@ -17,19 +17,26 @@ from .ops import normalize_rows
 
 
 class _MarginedTarget(torch.autograd.Function):
-    """``z_t`` of :func:`target_logit` whose backward multiplies by its ``dz_dc`` (the gradient
-    mode), written in torch ops on the saved cosine so that it can be differentiated again."""
+    """``z_t`` (given) as a function of ``cos_t`` with slope ``dz_dc`` (given): the gradient mode.
+
+    Values come in precomputed, so the traced forward holds no scalar arithmetic (which
+    ``torch.compile(dynamic=True)`` cannot lift into a Function). For a second backward (grad
+    mode on inside ``backward``: ``create_graph=True``) the slope is recomputed from the saved
+    cosine in torch ops, so that it is differentiated too.
+    """
 
     @staticmethod
-    def forward(ctx, cos_t: Tensor, margin_args: dict) -> Tensor:
-        ctx.save_for_backward(cos_t)
+    def forward(ctx, cos_t: Tensor, z_t: Tensor, dz_dc: Tensor, margin_args: dict) -> Tensor:
+        ctx.save_for_backward(cos_t, dz_dc)
         ctx.margin_args = margin_args
-        return target_logit(cos_t, **margin_args)[0]
+        return z_t.view_as(z_t)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (cos_t,) = ctx.saved_tensors
-        return grad * target_logit(cos_t, **ctx.margin_args)[1], None
+        cos_t, dz_dc = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dz_dc = target_logit(cos_t, **ctx.margin_args)[1]
+        return grad * dz_dc, None, None, None
 
 
 def lse_and_target(
@@ -62,7 +69,7 @@ def lse_and_target(
     col = target.clamp_min(0).unsqueeze(1)
     cos_t = cos.gather(1, col).squeeze(1)
     margin_args = {"scale": scale, "margin": margin, "margin_type": margin_type, "margin_grad": margin_grad}
-    z_t = _MarginedTarget.apply(cos_t, margin_args)
+    z_t = _MarginedTarget.apply(cos_t, *target_logit(cos_t.detach(), **margin_args), margin_args)
     # Rows without a target here write their own logit back: no change.
     z_t = torch.where(has_target, z_t, scale * cos_t)
     logits = (scale * cos).scatter(1, col, z_t.unsqueeze(1))
