@@ -4,7 +4,8 @@ A YAML file holds one section per step (``features:``, ``cluster:``, ``train:``,
 ``demo:``); a command reads its own section and ignores the others. Every field of the step's
 dataclass is also a CLI flag (``batch_size`` -> ``--batch-size``); the precedence is
 dataclass default < YAML section < command line. Unknown keys, unknown sections and values of
-the wrong type raise :class:`ConfigError` naming the key, the file and the valid choices.
+the wrong type raise :class:`ConfigError` naming the key, the file and the valid choices. Numbers
+may be given as strings (YAML 1.1 reads ``1e-3`` as one); an integer option takes integral values only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -59,6 +61,23 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a number or a numeric string, else None.
+
+    PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string, not a float.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
     """Check / convert one YAML value to the field type ``tp``."""
     base, optional = _unwrap_optional(tp)
@@ -76,13 +95,17 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
     if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _number(value)
+        if number is None or not number.is_integer():
             raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
-        return value
+        return int(number)
     if base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
-        return float(value)
+        return number
     if base is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ConfigError(f"{where}: '{name}' must be a string, got {value!r}")
@@ -110,13 +133,21 @@ def read_section(path: str | Path, section: str, cls: type) -> dict[str, Any]:
     values = doc.get(section) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: section '{section}' must be a mapping")
+    return coerce(cls, values, f"config file {path}, section '{section}'")
+
+
+def coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check the keys of ``values`` against ``cls``'s fields and convert each value to its field's type.
+
+    ``where`` names the source (a file, a checkpoint) in the :class:`ConfigError` messages.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     out = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"config file {path}, section '{section}': unknown key '{key}'; valid keys: {names}")
-        out[key] = _coerce(key, value, hints[key], f"config file {path}, section '{section}'")
+            raise ConfigError(f"{where}: unknown key '{key}'; valid keys: {names}")
+        out[key] = _coerce(key, value, hints[key], where)
     return out
 
 
@@ -186,6 +217,36 @@ def positive(name: str, value: float | int | None, allow_zero: bool = False) -> 
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"'{name}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def finite(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming the first float option of the dataclass ``cfg`` that is NaN or infinite."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _unwrap_optional(hints[f.name])[0] is float and value is not None and not math.isfinite(value):
+            raise ConfigError(f"'{f.name}' must be a finite number, got {value!r}")
+
+
+def device(name: str, value: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is ``auto``, ``cpu`` or a CUDA device this machine has."""
+    import torch
+
+    if value == "auto":
+        return
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"'{name}' must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if dev.type == "cpu":
+        return
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError(f"'{name}' is {value!r}, but this machine has no usable CUDA device; use auto or cpu")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"'{name}' is {value!r}, but this machine has {count} CUDA device(s)")
 
 
 def required(name: str, value: Any) -> None:

@@ -219,6 +219,7 @@ def _run(cfg: DemoConfig, progress: bool) -> dict:
         data=feat_cfg.data,
         pseudo_labels=str(out / "clusters"),
         output_dir=str(out / "train"),
+        overwrite=True,  # the demo retrains on every run
         arch=f"open_clip:{TINY_NAME}",
         model_config=str(model_config),
         embedding_dim=cfg.embedding_dim,

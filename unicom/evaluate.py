@@ -72,6 +72,11 @@ class EvaluateConfig:
             config.required("features_dir", self.features_dir)
         if not self.ks or min(self.ks) < 1:
             raise config.ConfigError(f"'ks' must be positive integers, got {self.ks}")
+        config.device("device", self.device)
+        if self.output:
+            if Path(self.output).is_dir():
+                raise config.ConfigError(f"'output' must name a file, but {self.output} is a folder")
+            config.writable_location("output folder", Path(self.output).parent)
 
 
 @torch.no_grad()
@@ -151,13 +156,13 @@ class _ClipImage(torch.nn.Module):
 def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Run the evaluation; returns the metrics dict (also written to ``output`` when set)."""
     device = dist.resolve_device(cfg.device)
-    query_source = open_source(cfg.data, cfg.data_format, cfg.data_root)
+    query_source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
     q, ql, skipped = _embed_source(cfg, query_source, device, progress)
     if (ql < 0).any():
         raise DataError(f"{query_source.description} has unlabelled samples; evaluation needs class sub-folders/labels")
     g = gl = None
     if cfg.gallery:
-        gallery_source = open_source(cfg.gallery, cfg.gallery_format)
+        gallery_source = open_source(cfg.gallery, cfg.gallery_format, skip_bad=cfg.skip_bad)
         g, gl, g_skipped = _embed_source(cfg, gallery_source, device, progress)
         skipped += g_skipped
     result = retrieval_metrics(q, ql, g, gl, ks=cfg.ks, use_gpu=cfg.use_gpu, knn_k=cfg.knn_k)

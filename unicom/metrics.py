@@ -13,7 +13,8 @@ in leave-one-out mode):
   label; a tie in votes goes to the label whose best-ranked vote comes first. Every query counts.
 
 Queries with ``R = 0`` (e.g. a class with one member in leave-one-out) cannot be scored; they
-are excluded from every metric and counted in ``queries_without_relevant``.
+are excluded from every metric and counted in ``queries_without_relevant``. When no query can be
+scored the metrics are undefined: :class:`MetricsError`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .config import UserError
+
 TIE_SLACK = 16
+
+
+class MetricsError(UserError, ValueError):
+    """The metrics are undefined for this data (no query has a relevant gallery item)."""
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -97,17 +104,20 @@ def retrieval_metrics(
 
     Leave-one-out over ``query`` when ``gallery`` is None. Labels are ``[n]`` integers.
     ``knn_k > 0`` adds ``knn@<knn_k>`` accuracy. Returns floats in [0, 1] plus the counts
-    ``queries`` and ``queries_without_relevant``.
+    ``queries`` and ``queries_without_relevant``; :class:`MetricsError` when no query has a relevant item.
     """
-    extra = {}
-    if knn_k > 0:
-        extra[f"knn@{knn_k}"] = knn_accuracy(query, query_labels, gallery, gallery_labels, knn_k, use_gpu)
     rel, r = ranked_relevance(query, query_labels, gallery, gallery_labels, max(max(ks), 100), use_gpu)
     valid = r > 0
-    rel, r = rel[valid], r[valid]
-    out: dict[str, float] = {"queries": int(valid.sum()), "queries_without_relevant": int((~valid).sum()), **extra}
     if not valid.any():
-        return {**out, **{f"recall@{k}": float("nan") for k in ks}, "map@r": float("nan"), "map@100": float("nan")}
+        hint = "leave-one-out needs classes of two or more" if gallery is None else "no class is in both sets"
+        raise MetricsError(
+            f"no query can be scored: none of the {len(valid)} queries has a relevant item (same label), "
+            f"so Recall@K and mAP are undefined; {hint}"
+        )
+    rel, r = rel[valid], r[valid]
+    out: dict[str, float] = {"queries": int(valid.sum()), "queries_without_relevant": int((~valid).sum())}
+    if knn_k > 0:
+        out[f"knn@{knn_k}"] = knn_accuracy(query, query_labels, gallery, gallery_labels, knn_k, use_gpu)
     for k in ks:
         out[f"recall@{k}"] = float(rel[:, :k].any(axis=1).mean())
     ranks = np.arange(1, rel.shape[1] + 1)

@@ -8,9 +8,12 @@ JSON architecture passed as ``model_config``) or ``timm:<model>`` (e.g. ``timm:v
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +26,91 @@ from .config import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPEN_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # open_clip ignores an architecture file without them
 
 
 class ModelError(UserError, ValueError):
     """A model name, config or weights file is wrong; the message names it."""
 
 
-def register_open_clip_config(model_config: str | None) -> None:
-    """Make a custom open_clip architecture JSON (its file stem is the model name) known to open_clip."""
+def read_model_config(path: str | os.PathLike) -> dict:
+    """A custom open_clip architecture JSON file as ``{"name": its file stem, "config": the architecture}``.
+
+    Checkpoints store this, so that they load without the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"open_clip model_config file not found: {path}")
+    try:
+        arch = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"open_clip model_config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(arch, dict) or not all(k in arch for k in OPEN_CLIP_KEYS):
+        raise ModelError(f"open_clip model_config {path} is not an architecture: it needs the keys {OPEN_CLIP_KEYS}")
+    return {"name": path.stem, "config": arch}
+
+
+def register_open_clip_config(model_config: str | os.PathLike | dict | None) -> None:
+    """Make a custom open_clip architecture known to open_clip under its name.
+
+    ``model_config``: a JSON file (its stem is the model name) or :func:`read_model_config`'s dict.
+    It replaces an architecture of the same name registered before (an earlier run's file, say).
+    """
     if not model_config:
         return
     import open_clip
 
-    path = Path(model_config)
-    if not path.is_file():
-        raise ModelError(f"open_clip model_config file not found: {path}")
-    if path.stem not in open_clip.list_models():
+    custom = model_config if isinstance(model_config, dict) else read_model_config(model_config)
+    if open_clip.get_model_config(custom["name"]) == custom["config"]:
+        return
+    # open_clip registers architectures from files only; its registry keeps them once the file is gone.
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{custom['name']}.json"
+        path.write_text(json.dumps(custom["config"]), encoding="utf-8")
         open_clip.add_model_config(path)
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a user's file onto the CPU (tensors and plain containers only).
+
+    A truncated, corrupt or foreign file raises :class:`ModelError` naming it.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises RuntimeError, KeyError, EOFError, UnpicklingError... by damage
+        raise ModelError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of an exception's message, for one-line errors."""
+    first = re.split(r"(?<=\.)\s|\n", str(exc).strip(), maxsplit=1)[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_weights(module: nn.Module, weights: Any, path: str | os.PathLike) -> None:
+    """Load the state_dict ``weights`` read from ``path`` into ``module``.
+
+    Missing or unexpected keys and wrong shapes raise :class:`ModelError` naming ``path`` (one line,
+    unlike ``load_state_dict``'s list of every key).
+    """
+    if not isinstance(weights, dict):
+        raise ModelError(f"{path}: the weights are a {type(weights).__name__}, not a state_dict")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [
+        f"{k} has shape {tuple(getattr(weights[k], 'shape', ()))}, the model's is {tuple(v.shape)}"
+        for k, v in expected.items()
+        if isinstance(v, torch.Tensor) and k in weights and getattr(weights[k], "shape", None) != v.shape
+    ]
+    problems = [f"{len(missing)} missing keys (e.g. {missing[:3]})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"] if unexpected else []
+    problems += shapes[:3]
+    if problems:
+        raise ModelError(
+            f"{path}: the weights do not fit the {type(module).__name__} of its config: {'; '.join(problems)}"
+        )
+    module.load_state_dict(weights)
 
 
 def _create_open_clip(name: str, pretrained: str | None, **kwargs: Any) -> nn.Module:
@@ -47,11 +118,15 @@ def _create_open_clip(name: str, pretrained: str | None, **kwargs: Any) -> nn.Mo
 
     try:
         return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
-    except RuntimeError as exc:
+    except Exception as exc:  # a damaged local weights file fails inside torch.load with any of several types
         if not pretrained:
             raise
+        if os.path.isfile(pretrained):
+            raise ModelError(
+                f"cannot load the weights file {pretrained} into open_clip {name}: {_reason(exc)}"
+            ) from exc
         raise ModelError(
-            f"cannot load pretrained={pretrained!r} for open_clip {name}: {exc} "
+            f"cannot load pretrained={pretrained!r} for open_clip {name}: {_reason(exc)} "
             "(offline: download the weights elsewhere and pass the local file as pretrained)"
         ) from exc
 
@@ -103,10 +178,13 @@ def build_model(
     arch: str,
     embedding_dim: int,
     pretrained: str | None = None,
-    model_config: str | None = None,
+    model_config: str | dict | None = None,
     image_size: int | None = None,
 ) -> EmbeddingModel:
-    """Backbone named by ``arch`` (``open_clip:<name>`` / ``timm:<name>``) + a linear head to ``embedding_dim``."""
+    """Backbone named by ``arch`` (``open_clip:<name>`` / ``timm:<name>``) + a linear head to ``embedding_dim``.
+
+    ``model_config``: a custom open_clip architecture, see :func:`register_open_clip_config`.
+    """
     kind, _, name = arch.partition(":")
     if kind == "open_clip" and name:
         import open_clip
@@ -135,7 +213,7 @@ def build_model(
         if pretrained:
             if not os.path.isfile(pretrained):
                 raise ModelError(f"timm weights file not found: {pretrained} (only local files are supported)")
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            state = load_file(pretrained)
             state = state.get("state_dict", state.get("model", state))
             missing, unexpected = backbone.load_state_dict(state, strict=False)
             if missing:

@@ -13,9 +13,15 @@ Output folder::
     checkpoints/latest           name of the newest complete checkpoint
     final.pt                     model weights + config, what ``unicom-evaluate`` loads
 
-``--resume`` continues from ``checkpoints/latest`` (same world size); on the CPU the result is
-bitwise identical to an uninterrupted run: the sample order and every augmentation are derived
-from ``(seed, epoch, index)`` and the sampler state, schedule, optimizer and RNG are restored.
+Checkpoints and ``final.pt`` hold a custom architecture's JSON itself, so they load anywhere.
+A folder holding a run is not trained into again unless ``--resume`` continues it or
+``--overwrite`` deletes it first.
+
+``--resume`` continues from ``checkpoints/latest`` (same world size), or from the newest older
+checkpoint that is intact when that one is unreadable (saying so); on the CPU the result, and
+``metrics.csv``, are bitwise identical to an uninterrupted run's: the sample order and every
+augmentation are derived from ``(seed, epoch, index)`` and the sampler state, schedule, optimizer,
+RNG and the losses not yet logged are restored.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,15 +46,17 @@ import torch.distributed as td
 from torch import nn
 from tqdm import tqdm
 
-from unicom_kernels import DualPartialMarginLoss
+from unicom_kernels import DualPartialMarginLoss, _checks
+from unicom_kernels.ops import BACKENDS
 
 from . import atomic, config, dist
 from .data import DataError, EpochBatchSampler, ImageDataset, load_pseudo_labels, open_source
-from .model import EmbeddingModel, build_model, train_transform
+from .model import EmbeddingModel, ModelError, build_model, load_file, load_weights, read_model_config, train_transform
 
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "prototype_lr", "grad_norm", "images_per_s", "skipped")
 RESUME_MAY_CHANGE = {
     "resume",
+    "overwrite",
     "stop_after",
     "progress",
     "num_workers",
@@ -61,6 +70,24 @@ RESUME_MAY_CHANGE = {
     "pseudo_labels",
 }
 NO_DECAY_KEYS = ("pos_embed", "positional_embedding", "cls_token", "class_embedding", "dist_token")
+# Argument of DualPartialMarginLoss -> the TrainConfig option that sets it.
+LOSS_OPTIONS = {
+    "scale": "scale",
+    "margin": "margin",
+    "margin_type": "margin_type",
+    "margin_grad": "margin_grad",
+    "class_sample_rate": "class_sample_rate",
+    "dim_sample_rate": "dim_sample_rate",
+    "num_dims": "num_dims",
+    "backend": "loss_backend",
+}
+# Largest sensible |margin|: at these even a perfectly aligned sample's target logit is <= 0, which
+# is a unit slip (degrees, percent) rather than a setting. Negative margins are a research setting.
+MARGIN_LIMITS = {"arcface": math.pi / 2, "cosface": 1.0}
+IGNORE_INDEX = -1
+RUN_OUTPUTS = ("final.pt", "checkpoints", "metrics.csv", "tensorboard")  # what a run leaves in output_dir
+FINAL_KEYS = ("model", "config", "step", "num_classes")
+RESUME_KEYS = (*FINAL_KEYS, "criterion", "optimizer", "scheduler", "rng", "world_size")
 
 
 @dataclass
@@ -116,16 +143,20 @@ class TrainConfig:
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
     resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoints/latest"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "delete the run already in output_dir (checkpoints, metrics, final.pt)"}
+    )
     stop_after: int | None = field(
         default=None, metadata={"help": "stop this run after this step (schedule unchanged)"}
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
+        config.finite(self)
         config.required("data", self.data)
         config.required("output_dir", self.output_dir)
-        config.choice("margin_type", self.margin_type, ("arcface", "cosface", "none"))
-        config.choice("margin_grad", self.margin_grad, ("straight_through", "exact"))
+        config.writable_location("output_dir", self.output_dir)
+        config.device("device", self.device)
         config.choice("loss_parallel", self.loss_parallel, ("auto", "model", "replicated"))
         config.choice("amp", self.amp, ("auto", "bf16", "none"))
         for name in (
@@ -145,6 +176,20 @@ class TrainConfig:
         config.positive("prototype_lr_mult", self.prototype_lr_mult)
         if not 0 < self.crop_scale <= 1:
             raise config.ConfigError(f"'crop_scale' must be in (0, 1], got {self.crop_scale}")
+        if self.resume and self.overwrite:
+            raise config.ConfigError("'resume' continues the run in output_dir, 'overwrite' deletes it: set only one")
+        try:
+            _checks.check_options(**loss_options(self), ignore_index=IGNORE_INDEX, backends=BACKENDS)
+            _checks.num_selected_dims(self.embedding_dim, self.dim_sample_rate, self.num_dims)
+        except (TypeError, ValueError) as exc:  # their messages start with the argument's name
+            argument = re.match(r"\w*", str(exc)).group()
+            raise config.ConfigError(f"'{LOSS_OPTIONS.get(argument, argument)}': {exc}") from None
+        limit = MARGIN_LIMITS.get(self.margin_type)
+        if limit is not None and not abs(self.margin) < limit:
+            raise config.ConfigError(
+                f"'margin' of margin_type={self.margin_type} must be in (-{limit:.4g}, {limit:.4g})"
+                f"{' radians' if self.margin_type == 'arcface' else ''}, got {self.margin}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,20 +201,14 @@ def loss_supports_process_group() -> bool:
     return "process_group" in inspect.signature(DualPartialMarginLoss.__init__).parameters
 
 
+def loss_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The scalar options of ``DualPartialMarginLoss`` that ``cfg`` sets, by argument name."""
+    return {argument: getattr(cfg, option) for argument, option in LOSS_OPTIONS.items()}
+
+
 def make_criterion(cfg: TrainConfig, num_classes: int, world_size: int, device: torch.device) -> tuple[nn.Module, str]:
     """The loss module and its parallel mode (``single`` | ``model`` | ``replicated``)."""
-    kwargs: dict[str, Any] = dict(
-        scale=cfg.scale,
-        margin=cfg.margin,
-        margin_type=cfg.margin_type,
-        margin_grad=cfg.margin_grad,
-        class_sample_rate=cfg.class_sample_rate,
-        dim_sample_rate=cfg.dim_sample_rate,
-        num_dims=cfg.num_dims,
-        ignore_index=-1,
-        backend=cfg.loss_backend,
-        seed=cfg.seed,
-    )
+    kwargs: dict[str, Any] = dict(loss_options(cfg), ignore_index=IGNORE_INDEX, seed=cfg.seed)
     mode = "single"
     if world_size > 1:
         supported = loss_supports_process_group()
@@ -252,6 +291,63 @@ def latest_checkpoint(output_dir: str | Path, rank: int = 0) -> Path | None:
     return path
 
 
+def checkpoint_names(output_dir: str | Path) -> list[str]:
+    """Checkpoint folders to resume from, newest first: the one ``latest`` names and those before it.
+
+    Newer folders were never completed; without a usable ``latest`` every ``step_*`` folder counts.
+    """
+    root = checkpoint_dir(output_dir)
+    names = sorted((p.name for p in root.glob("step_*") if p.is_dir()), key=lambda n: (len(n), n), reverse=True)
+    pointer = root / "latest"
+    newest = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    return names[names.index(newest) :] if newest in names else names
+
+
+def read_checkpoint(path: str | Path, keys: tuple[str, ...] = FINAL_KEYS) -> dict:
+    """The content of a checkpoint file, checked to hold ``keys``; else :class:`ModelError` naming the file."""
+    state = load_file(path)
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ModelError(
+            f"{path} is not a unicom-train checkpoint (final.pt or checkpoints/step_*/rank*.pt): it has no {missing}"
+        )
+    return state
+
+
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on every rank."""
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    td.all_reduce(value, op=td.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def resume_checkpoint(output_dir: str | Path, rank: int, device: torch.device) -> tuple[Path, dict] | None:
+    """This rank's file and state of the newest checkpoint that every rank can read; None without checkpoints.
+
+    An unreadable file (truncated, corrupt, missing) is reported and the checkpoint before it
+    tried; when none is intact, :class:`ModelError` names them all.
+    """
+    names = checkpoint_names(output_dir)
+    problems = []
+    for name in names:
+        path = checkpoint_dir(output_dir) / name / f"rank{rank:05d}.pt"
+        try:
+            state = read_checkpoint(path, RESUME_KEYS)
+        except ModelError as exc:
+            state = None
+            problems.append(str(exc))
+            print(f"train: {exc}; trying the checkpoint before it", file=sys.stderr)
+        if _on_every_rank(state is not None, device):
+            if name != names[0]:
+                print(f"train: resuming from {path}, the newest intact checkpoint", file=sys.stderr)
+            return path, state
+    if names:
+        raise ModelError(f"no intact checkpoint in {checkpoint_dir(output_dir)} to resume from: {'; '.join(problems)}")
+    return None
+
+
 def save_checkpoint(output_dir: str | Path, step: int, rank: int, state: dict, keep: int) -> None:
     """Write this rank's state atomically; rank 0 then moves ``latest`` and prunes old checkpoints."""
     root = checkpoint_dir(output_dir)
@@ -267,24 +363,25 @@ def save_checkpoint(output_dir: str | Path, step: int, rank: int, state: dict, k
 
 
 class MetricsLog:
-    """``metrics.csv`` (rows past the resume step are dropped on resume) + TensorBoard when installed."""
+    """``metrics.csv`` + TensorBoard when installed; rows from ``first_step`` on are dropped (a resumed run
+    writes them again)."""
 
-    def __init__(self, output_dir: Path, resume_step: int, enabled: bool) -> None:
+    def __init__(self, output_dir: Path, first_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self.path = output_dir / "metrics.csv"
         self.writer = None
         if not enabled:
             return
         rows = []
-        if resume_step > 0 and self.path.is_file():
+        if first_step > 1 and self.path.is_file():
             with open(self.path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) < first_step]
         text = ",".join(METRIC_FIELDS) + "\n" + "".join(",".join(r[f] for f in METRIC_FIELDS) + "\n" for r in rows)
         atomic.write_text(self.path, text)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=first_step)
         except ImportError:
             self.writer = None
 
@@ -318,16 +415,24 @@ def train(cfg: TrainConfig) -> dict:
     info = dist.setup(cfg.device)
     device = info.device
     out = Path(cfg.output_dir)
+    previous = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if previous and not (cfg.resume or cfg.overwrite):
+        raise config.ConfigError(
+            f"output_dir {out} already holds a training run ({', '.join(previous)}); pass --resume to continue it "
+            "or --overwrite to delete it and start over"
+        )
+    dist.barrier()  # every rank has looked before rank 0 writes there
+    custom_arch = read_model_config(cfg.model_config) if cfg.model_config else None
     torch.manual_seed(cfg.seed)
 
-    source = open_source(cfg.data, cfg.data_format, cfg.data_root)
+    source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
     labels = training_labels(cfg, source.ids, source.labels())
     usable = np.flatnonzero(labels >= 0)
     if len(usable) == 0:
         raise DataError(f"no labelled samples in {source.description}")
     num_classes = int(labels.max()) + 1
 
-    model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, cfg.model_config, cfg.image_size).to(device)
+    model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, custom_arch, cfg.image_size).to(device)
     criterion, parallel = make_criterion(cfg, num_classes, info.world_size, device)
     transform = train_transform(model.image_size, model.mean, model.std, cfg.crop_scale, cfg.hflip)
     dataset = ImageDataset(source, transform, labels=labels, skip_bad=cfg.skip_bad, seed=cfg.seed)
@@ -352,13 +457,17 @@ def train(cfg: TrainConfig) -> dict:
     )
 
     step = 0
+    # Losses since the last metrics row and the running count of skipped images: a checkpoint
+    # carries them, so that the rows of a resumed run equal an uninterrupted run's.
+    losses: list[torch.Tensor] = []
+    skipped = 0
     if cfg.resume:
-        path = latest_checkpoint(out, info.rank)
-        if path is None:
+        found = resume_checkpoint(out, info.rank, device)
+        if found is None:
             if info.is_main:
                 print(f"train: --resume but no checkpoint in {checkpoint_dir(out)}; starting fresh", file=sys.stderr)
         else:
-            state = torch.load(path, map_location=device, weights_only=False)
+            path, state = found
             changed = sorted(
                 k
                 for k, v in dataclasses.asdict(cfg).items()
@@ -373,16 +482,27 @@ def train(cfg: TrainConfig) -> dict:
                 raise config.ConfigError(
                     f"checkpoint {path} was written by {state['world_size']} rank(s); resume with the same number"
                 )
-            model.load_state_dict(state["model"])
-            criterion.load_state_dict(state["criterion"])
+            load_weights(model, state["model"], path)
+            load_weights(criterion, state["criterion"], path)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"], device)
             step = int(state["step"])
+            if "log" in state:  # absent in checkpoints of older versions
+                losses = list(state["log"]["losses"].to(device).unbind())
+                skipped = int(state["log"]["skipped"])
     if info.is_main:
+        if cfg.overwrite:
+            for name in previous:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.yaml", "train")
-    log = MetricsLog(out, step, info.is_main)
+    dist.barrier()  # the old run is gone before any rank writes a checkpoint
+    # A row at the resume step that did not close its window is written again, covering more steps.
+    log = MetricsLog(out, step if losses else step + 1, info.is_main)
 
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     if info.is_main:
@@ -395,8 +515,7 @@ def train(cfg: TrainConfig) -> dict:
         )
     bar = tqdm(total=total, initial=step, desc="train", disable=not (cfg.progress and info.is_main))
     stop = min(total, cfg.stop_after or total)
-    losses: list[torch.Tensor] = []
-    skipped, seen, window_start = 0, 0, time.perf_counter()
+    seen, window_start = 0, time.perf_counter()
     started = time.perf_counter()
     last_loss = float("nan")
     net.train()
@@ -428,7 +547,8 @@ def train(cfg: TrainConfig) -> dict:
             skipped += int((~ok).sum())
             seen += len(ok)
             bar.update(1)
-            if step % cfg.log_every == 0 or step == stop:
+            closes_window = step % cfg.log_every == 0 or step == total
+            if closes_window or step == stop:
                 last_loss = float(torch.stack(losses).float().mean())
                 elapsed = time.perf_counter() - window_start
                 lrs = scheduler.get_last_lr()
@@ -445,7 +565,8 @@ def train(cfg: TrainConfig) -> dict:
                     }
                 )
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lrs[0]:.2e}")
-                losses, seen, window_start = [], 0, time.perf_counter()
+                if closes_window:  # else this run stops here and its checkpoint carries the window on
+                    losses, seen, window_start = [], 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == stop:
                 state = {
                     "step": step,
@@ -457,6 +578,8 @@ def train(cfg: TrainConfig) -> dict:
                     "world_size": info.world_size,
                     "num_classes": num_classes,
                     "config": dataclasses.asdict(cfg),
+                    "custom_arch": custom_arch,
+                    "log": {"losses": torch.stack(losses) if losses else torch.zeros(0), "skipped": skipped},
                 }
                 save_checkpoint(out, step, info.rank, state, cfg.keep_checkpoints)
             if step >= stop:
@@ -466,11 +589,17 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main and step >= total:
         atomic.torch_save(
             out / "final.pt",
-            {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": step, "num_classes": num_classes},
+            {
+                "model": model.state_dict(),
+                "config": dataclasses.asdict(cfg),
+                "custom_arch": custom_arch,
+                "step": step,
+                "num_classes": num_classes,
+            },
         )
     dist.barrier()
     if info.is_main and skipped:
-        print(f"train: {skipped} missing/corrupt images were ignored in this run", file=sys.stderr)
+        print(f"train: {skipped} missing/corrupt images were ignored since the start of training", file=sys.stderr)
     return {
         "step": step,
         "final_loss": last_loss,
@@ -491,13 +620,26 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu", we
         path = final if final.is_file() else (latest_checkpoint(path) or final)
     if not path.is_file():
         raise DataError(f"trained model not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = config.make(TrainConfig, state["config"])
+    state = read_checkpoint(path)
+    cfg = saved_config(path, state)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, cfg.model_config, cfg.image_size)
+    # Older checkpoints name the architecture file only, which may not be found from here.
+    custom_arch = state.get("custom_arch") or cfg.model_config
+    try:
+        model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, custom_arch, cfg.image_size)
+    except ModelError as exc:
+        raise ModelError(f"checkpoint {path}: {exc}") from exc
     if weights:
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], path)
     return model.to(device).eval()
+
+
+def saved_config(path: Path, state: dict) -> TrainConfig:
+    """The options checkpoint ``path`` was made with, type-checked but not validated (its device or
+    output_dir need not exist where it is loaded)."""
+    if not isinstance(state["config"], dict):
+        raise ModelError(f"checkpoint {path}: 'config' is a {type(state['config']).__name__}, not a mapping")
+    return TrainConfig(**config.coerce(TrainConfig, state["config"], f"checkpoint {path}"))
 
 
 def main(argv: list[str] | None = None) -> None:
