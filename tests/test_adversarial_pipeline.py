@@ -229,6 +229,19 @@ def test_cluster_rejects_nonfinite_features_before_kmeans(tmp_path, no_kmeans, v
     assert "\n" not in str(err.value)
 
 
+def test_feature_rows_are_checked_as_they_are_read(tmp_path):
+    """Rows outside k-means' sample are checked when the assignment reads them: no extra pass."""
+    x = unit_rows(60)
+    x[45, 3] = np.inf
+    write_store(tmp_path / "f", x, shard=30)
+    store = FeatureStore(tmp_path / "f")
+    store.rows(0, 45)
+    store.take(np.array([3, 44, 46]))
+    for read in (lambda: store.rows(40, 50), lambda: store.take(np.array([2, 45]))):
+        with pytest.raises(DataError, match=r"shard_00001\.npy: row 15 holds NaN/inf"):
+            read()
+
+
 def test_cluster_train_size_below_num_clusters_fails_at_validation(tmp_path):
     with pytest.raises(config.ConfigError, match="train_size"):
         cluster_cfg(tmp_path, num_clusters=10, train_size=5)

@@ -13,9 +13,9 @@ one per rank for assignment), the CPU otherwise. Under ``torchrun`` rank 0 train
 rank assigns a contiguous block of rows and rank 0 joins the blocks.
 
 Refused before k-means: ``0 < train_size < num_clusters``, fewer feature rows than
-``num_clusters`` or than ``min_cluster_size``, and feature rows holding NaN/inf (the message
-names the shard and row). After assignment, a ``min_cluster_size`` that drops every cluster is
-an error too, naming what to lower.
+``num_clusters`` or than ``min_cluster_size``, and NaN/inf in the rows k-means trains on (the
+message names the shard and row; other rows are checked when the assignment reads them). After
+assignment, a ``min_cluster_size`` that drops every cluster is an error too, naming what to lower.
 """
 
 from __future__ import annotations
@@ -167,7 +167,6 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
             raise config.ConfigError(
                 f"min_cluster_size={cfg.min_cluster_size} exceeds the {n} feature rows: every cluster would be dropped"
             )
-        store.check_finite()
         rng = np.random.default_rng(cfg.seed)
         if cfg.train_size and cfg.train_size < n:
             sample = store.take(np.sort(rng.choice(n, cfg.train_size, replace=False)))

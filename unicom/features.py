@@ -255,7 +255,10 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
 
 
 class FeatureStore:
-    """Read-only view of a features folder: ``len``, ``dim``, ``ids`` and float32 row ranges ``rows(a, b)``."""
+    """Read-only view of a features folder: ``len``, ``dim``, ``ids`` and float32 row ranges ``rows(a, b)``.
+
+    Rows holding NaN/inf raise :class:`DataError` naming the shard file and row when they are read.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -282,23 +285,20 @@ class FeatureStore:
         for s, arr in enumerate(self.shards):
             lo, hi = max(start, self.offsets[s]), min(end, self.offsets[s + 1])
             if lo < hi:
-                parts.append(np.asarray(arr[lo - self.offsets[s] : hi - self.offsets[s]], dtype=np.float32))
+                local = np.arange(lo - self.offsets[s], hi - self.offsets[s])
+                parts.append(self._finite(np.asarray(arr[local[0] : local[-1] + 1], dtype=np.float32), s, local))
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
-    def check_finite(self, batch: int = 65536) -> None:
-        """Raise :class:`DataError` naming the first shard and row holding NaN/inf values.
-
-        One pass over the rows, ``batch`` at a time (NaN/inf breaks k-means and nearest-centroid search).
-        """
-        for entry, arr in zip(self.index["shards"], self.shards, strict=True):
-            bad = [a + np.flatnonzero(~np.isfinite(arr[a : a + batch]).all(axis=1)) for a in range(0, len(arr), batch)]
-            count = sum(len(b) for b in bad)
-            if count:
-                first = int(next(b[0] for b in bad if len(b)))
-                raise DataError(
-                    f"{self.path / entry['file']}: {count} row(s) hold NaN/inf values, the first is row {first}; "
-                    "recompute the features"
-                )
+    def _finite(self, values: np.ndarray, shard: int, rows: np.ndarray) -> np.ndarray:
+        """``values``, rows ``rows`` of shard ``shard``, checked as they are read: NaN/inf would break
+        k-means and the nearest-centroid search with an obscure error, and costs no extra pass here."""
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            raise DataError(
+                f"{self.path / self.index['shards'][shard]['file']}: row {int(rows[bad][0])} holds NaN/inf values "
+                f"({int(bad.sum())} of the {len(values)} rows read); recompute the features"
+            )
+        return values
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows at sorted ``indices`` as float32 ``[len(indices), dim]``."""
@@ -306,7 +306,8 @@ class FeatureStore:
         out = np.empty((len(indices), self.dim), np.float32)
         for s in np.unique(shard_of):
             sel = shard_of == s
-            out[sel] = self.shards[s][indices[sel] - self.offsets[s]]
+            local = indices[sel] - self.offsets[s]
+            out[sel] = self._finite(np.asarray(self.shards[s][local], dtype=np.float32), s, local)
         return out
 
 
