@@ -76,6 +76,9 @@ BAD_OPTIONS = [
     ("scale", TypeError, dict(scale=math.inf)),
     ("scale", TypeError, dict(scale="32")),
     ("margin", TypeError, dict(margin=math.nan)),
+    ("margin", ValueError, dict(margin=28.6)),  # degrees, as pytorch-metric-learning takes them
+    ("margin", ValueError, dict(margin=-1.6)),
+    ("margin", ValueError, dict(margin=1.0, margin_type="cosface")),
     ("margin_type", ValueError, dict(margin_type="sphereface")),
     ("margin_grad", ValueError, dict(margin_grad="approx")),
     ("class_sample_rate", ValueError, dict(class_sample_rate=0.0)),

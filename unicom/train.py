@@ -81,9 +81,6 @@ LOSS_OPTIONS = {
     "num_dims": "num_dims",
     "backend": "loss_backend",
 }
-# Largest sensible |margin|: at these even a perfectly aligned sample's target logit is <= 0, which
-# is a unit slip (degrees, percent) rather than a setting. Negative margins are a research setting.
-MARGIN_LIMITS = {"arcface": math.pi / 2, "cosface": 1.0}
 IGNORE_INDEX = -1
 RUN_OUTPUTS = ("final.pt", "checkpoints", "metrics.csv", "tensorboard")  # what a run leaves in output_dir
 FINAL_KEYS = ("model", "config", "step", "num_classes")
@@ -184,12 +181,6 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:  # their messages start with the argument's name
             argument = re.match(r"\w*", str(exc)).group()
             raise config.ConfigError(f"'{LOSS_OPTIONS.get(argument, argument)}': {exc}") from None
-        limit = MARGIN_LIMITS.get(self.margin_type)
-        if limit is not None and not abs(self.margin) < limit:
-            raise config.ConfigError(
-                f"'margin' of margin_type={self.margin_type} must be in (-{limit:.4g}, {limit:.4g})"
-                f"{' radians' if self.margin_type == 'arcface' else ''}, got {self.margin}"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from torch import Tensor
 from .margin import MARGIN_GRADS, MARGIN_TYPES
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Largest sensible |margin|: beyond it even a perfectly aligned sample's target logit is <= 0,
+# which means a unit slip (degrees, as pytorch-metric-learning takes them) rather than a setting.
+MARGIN_LIMITS = {"arcface": math.pi / 2, "cosface": 1.0}
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -87,6 +90,12 @@ def check_options(
         raise ValueError(f"scale must be > 0, got {scale!r}")
     _check_real(margin, "margin")
     _check_choice(margin_type, "margin_type", MARGIN_TYPES)
+    limit = MARGIN_LIMITS.get(margin_type)
+    if limit is not None and not abs(margin) < limit:
+        unit = "radians (0.5 rad = 28.6 degrees)" if margin_type == "arcface" else "cosine units"
+        raise ValueError(
+            f"margin of margin_type={margin_type!r} must lie in (-{limit:.4g}, {limit:.4g}), in {unit}; got {margin!r}"
+        )
     _check_choice(margin_grad, "margin_grad", MARGIN_GRADS)
     _check_rate(class_sample_rate, "class_sample_rate")
     _check_rate(dim_sample_rate, "dim_sample_rate")
@@ -115,6 +124,27 @@ def num_selected_dims(dim: int, dim_sample_rate: float, num_dims: int | None) ->
     return k
 
 
+def check_embeddings(embeddings: object, prototypes: object) -> tuple[Tensor, Tensor]:
+    """Check the types, shapes and devices of ``embeddings [B, D]`` and ``prototypes [C, D]``."""
+    x = _check_float_tensor(embeddings, "embeddings")
+    w = _check_float_tensor(prototypes, "prototypes")
+    if x.dim() != 2:
+        raise ValueError(f"embeddings must have shape [B, D], got {tuple(x.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"prototypes must have shape [C, D], got {tuple(w.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("embeddings is an empty batch (B = 0); the loss needs at least one row")
+    if x.shape[1] == 0 or w.shape[0] == 0:
+        raise ValueError(f"embeddings [B, D] and prototypes [C, D] need D >= 1 and C >= 1, got {tuple(w.shape)}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"embeddings [B, D] and prototypes [C, D] must agree on D, got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    if w.device != x.device:
+        raise ValueError(f"embeddings and prototypes must be on one device, got {x.device} and {w.device}")
+    return x, w
+
+
 def check_inputs(
     embeddings: object,
     prototypes: object,
@@ -131,26 +161,13 @@ def check_inputs(
     class range are compared as numbers (in uint8, ``-1`` would wrap to 255: class 255).
     The label-range and finiteness checks read one value back to the host.
     """
-    x = _check_float_tensor(embeddings, "embeddings")
-    w = _check_float_tensor(prototypes, "prototypes")
+    x, w = check_embeddings(embeddings, prototypes)
     y = _check_integer_tensor(labels, "labels")
-    if x.dim() != 2:
-        raise ValueError(f"embeddings must have shape [B, D], got {tuple(x.shape)}")
-    if w.dim() != 2:
-        raise ValueError(f"prototypes must have shape [C, D], got {tuple(w.shape)}")
     if y.dim() != 1:
         raise ValueError(f"labels must have shape [B], got {tuple(y.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("embeddings is an empty batch (B = 0); the loss needs at least one row")
-    if x.shape[1] == 0 or w.shape[0] == 0:
-        raise ValueError(f"embeddings [B, D] and prototypes [C, D] need D >= 1 and C >= 1, got {tuple(w.shape)}")
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"embeddings [B, D] and prototypes [C, D] must agree on D, got {tuple(x.shape)} and {tuple(w.shape)}"
-        )
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"labels must have one entry per embedding row ({x.shape[0]}), got {y.shape[0]}")
-    if w.device != x.device or y.device != x.device:
+    if y.device != x.device:
         raise ValueError(
             f"embeddings, prototypes and labels must be on one device, got {x.device}, {w.device}, {y.device}"
         )

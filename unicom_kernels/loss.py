@@ -9,9 +9,10 @@ the classes are sharded across ranks (:mod:`unicom_kernels.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from . import distributed as _dist
-from .ops import BACKENDS, check_backend, get_backend, mean_loss
+from .ops import BACKENDS, accumulation_dtype, check_backend, get_backend, mean_loss, normalize_rows
 from .sampling import sample_classes, sample_dims, step_generator
 
 # (local positives, block start, block size) -> sorted local class indices of the step.
@@ -59,9 +60,21 @@ class _Options:
         }
 
 
-def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The lower precision of the two (ties go to ``a``): the GEMM operand dtype."""
-    return b if torch.finfo(b).bits < torch.finfo(a).bits else a
+def _compute_dtype(embeddings: Tensor, prototypes: Tensor) -> torch.dtype:
+    """The GEMM operand dtype: the lower precision of the two inputs (ties go to the embeddings),
+    lowered further to autocast's dtype inside an enabled ``torch.autocast``, as a matmul would be."""
+    candidates = [embeddings.dtype, prototypes.dtype]
+    device_type = embeddings.device.type
+    if torch.is_autocast_enabled(device_type):
+        candidates.append(torch.get_autocast_dtype(device_type))
+    return min(candidates, key=lambda dtype: torch.finfo(dtype).bits)
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The backends cast to the compute dtype themselves; autocast would re-cast their fp32 logit math."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_tensors(
@@ -85,7 +98,7 @@ def _check_tensors(
         check_finite=check_finite and not sharded,
         check_labels=not sharded,
     )
-    check_backend(opts.backend, embeddings.device, _compute_dtype(embeddings.dtype, prototypes.dtype))
+    check_backend(opts.backend, embeddings.device, _compute_dtype(embeddings, prototypes))
     return labels
 
 
@@ -113,7 +126,7 @@ def _gathered(
     w = prototypes if class_index.numel() == prototypes.shape[0] else prototypes.index_select(0, class_index)
     if dim_index is not None:
         w = w.index_select(1, dim_index)
-    return x, w, _compute_dtype(embeddings.dtype, prototypes.dtype)
+    return x, w, _compute_dtype(embeddings, prototypes)
 
 
 def _targets(labels: Tensor, class_index: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
@@ -135,7 +148,8 @@ def _single_process_loss(
     x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
     backend = get_backend(opts.backend, embeddings.device, compute)
-    return mean_loss(backend, x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
+    with _without_autocast(embeddings.device):
+        return mean_loss(backend, x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
 
 
 def _sharded_loss(
@@ -195,7 +209,8 @@ def _sharded_loss(
     x, w, compute = _gathered(gathered, shard, class_index, dim_index)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
     backend = get_backend(opts.backend, embeddings.device, compute)
-    lse, z_t = backend.lse_and_target(x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
+    with _without_autocast(embeddings.device):
+        lse, z_t = backend.lse_and_target(x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
     # |z| <= s for every margin type with m >= 0; s * (1 + |m|) also covers negative margins.
     logit_bound = opts.scale * (1.0 + abs(opts.margin))
     loss = _dist.global_loss(lse, z_t, all_labels != opts.ignore_index, logit_bound, group)
@@ -308,7 +323,9 @@ class DualPartialMarginLoss(nn.Module):
     and dims from ``(seed, step)`` and advances ``step``; the dims come out identical on
     every rank, the classes differ per rank. ``step`` and ``seed`` (and the shard's class
     range) are saved in the ``state_dict``, so a resumed run samples exactly like an
-    uninterrupted one. In eval mode the step does not advance. ``last_class_index``
+    uninterrupted one. In eval mode nothing is sampled and the step does not advance: the
+    loss covers all classes and dims without the margin (the cross-entropy of the classifier
+    :meth:`logits` defines), identical on every rank. ``last_class_index``
     (sorted global class ids of this rank) and ``last_dim_index`` (sorted dims, ``None``
     when all are kept) show the last selection; ``options`` holds the validated scalar
     options. See :func:`dual_partial_margin_loss` for their meaning.
@@ -359,18 +376,22 @@ class DualPartialMarginLoss(nn.Module):
         self.last_dim_index: Tensor | None = None
 
     def _choose_dims(self, device: torch.device) -> Tensor | None:
-        if self.num_dims == self.embedding_dim:
+        if self.num_dims == self.embedding_dim or not self.training:
             return None
         # Drawn on the CPU from (seed, step) alone: every device and every rank gets the same subset.
         return sample_dims(self.embedding_dim, self.num_dims, step_generator(self.seed, self.step, 1), device)
 
     def _choose_classes(self, positives: Tensor, start: int, num_local: int) -> Tensor:
+        if not self.training:
+            return torch.arange(num_local, device=positives.device)
         # One stream per rank (stream 0 for rank 0, as in a single process).
         generator = step_generator(self.seed, self.step, 2 * self.rank, positives.device)
         return sample_classes(positives, num_local, self.options.class_sample_rate, generator)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        opts = self.options
+        # Eval mode: the plain normalised softmax cross-entropy of the classifier that logits()
+        # defines (all classes and dims, no margin): a validation loss that is not a random draw.
+        opts = self.options if self.training else replace(self.options, margin_type="none", margin=0.0)
         if self.process_group is None:
             labels = _check_tensors(embeddings, self.weight, labels, opts, self.check_finite)
             positives = _local_positives(labels, opts.ignore_index, 0, self.num_classes)
@@ -403,6 +424,28 @@ class DualPartialMarginLoss(nn.Module):
         if self.training:
             self.step += 1
         return loss
+
+    def logits(self, embeddings: Tensor, chunk_rows: int = 4096) -> Tensor:
+        """Margin-free scaled cosines ``s * cos(x_i, w_j)`` over all dims: ``[B, C_r]`` against this
+        rank's classes (column ``j`` is class ``class_range[0] + j``; all ``C`` without a process group).
+
+        For classification and validation (``logits(x).argmax(1)``); no sampling, no step advance,
+        no collective. Operands are rounded to the GEMM dtype of the loss and multiplied in fp32
+        (fp64 for fp64), ``chunk_rows`` rows at a time, so no temporary exceeds the result's size.
+        Differentiable. With a process group, each rank scores its own block of classes.
+        """
+        x, w = _checks.check_embeddings(embeddings, self.weight)
+        chunk_rows = _checks.check_positive_int(chunk_rows, "chunk_rows")
+        compute = _compute_dtype(x, w)
+        acc = accumulation_dtype(compute)
+
+        def operand(v: Tensor) -> Tensor:
+            return normalize_rows(v, compute).to(compute).to(acc)
+
+        with _without_autocast(x.device):
+            w_t = operand(w).T
+            parts = [(operand(rows) @ w_t).clamp(-1.0, 1.0) * self.options.scale for rows in x.split(chunk_rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def get_extra_state(self) -> dict:
         return {"step": self.step, "seed": self.seed, "num_classes": self.num_classes, "class_range": self.class_range}
