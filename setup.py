@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The oldest triton the kernels are checked with; triton ships Linux wheels only.
+TRITON = "triton>=3.6"
+
 setup(
     name="unicom-kernels",
     version="0.1.0",
@@ -10,13 +13,17 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unicom_kernels", "unicom_kernels.*", "unicom", "unicom.*"]),
+    # No triton here: each CUDA build of torch pins its own triton and CPU-only builds need
+    # none, so a triton requirement of ours would conflict with most torch releases. Only the
+    # triton backend needs it: the "triton" extra (or a CUDA torch whose pin is >= 3.6).
     install_requires=[
         "torch>=2.4",
-        "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "triton": [TRITON],
+        # The interpreted Triton kernels are part of the test suite.
+        "test": ["pytest>=8", "ruff>=0.6", TRITON],
         "pipeline": [
             "open_clip_torch>=2.24",
             "faiss-cpu>=1.7.4",
@@ -29,7 +36,7 @@ setup(
             "pillow>=9.0",
         ],
         "bench": ["pytorch-metric-learning>=2.5", "cut-cross-entropy>=25.1", "matplotlib>=3.7", "tqdm>=4.60"],
-        "gpu": ["faiss-gpu"],
+        "gpu": [TRITON, "faiss-gpu"],
     },
     entry_points={
         "console_scripts": [

@@ -19,7 +19,9 @@ Both return the accumulation dtype; gradients come back in the inputs' dtypes.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -54,10 +56,25 @@ def resolve_backend(name: str, device: torch.device, compute_dtype: torch.dtype 
     return "triton" if device.type == "cuda" and compute_dtype != torch.float64 else "torch"
 
 
+def _check_triton_installed(name: str) -> None:
+    """Raise ``ValueError`` if the ``triton`` package, an optional dependency, is not installed."""
+    # A spec lookup, not an import: this runs on every call, and importing triton is slow.
+    if sys.modules.get("triton") is not None or importlib.util.find_spec("triton") is not None:
+        return
+    chosen = "backend='triton'" if name == "triton" else "backend='auto' picks 'triton' for CUDA tensors and"
+    raise ValueError(
+        f"{chosen} needs the triton package, which is not installed: pip install triton "
+        "(or pip install 'unicom-kernels[triton]'), or pass backend='torch'"
+    )
+
+
 def check_backend(name: str, device: torch.device, compute_dtype: torch.dtype) -> None:
-    """Raise ``ValueError`` (naming ``backend``) if ``name`` cannot run these inputs."""
+    """Raise ``ValueError`` (naming ``backend``) if ``name`` cannot run these inputs, before any
+    computation: triton kernels need the triton package, a non-fp64 dtype and CUDA tensors
+    (or ``TRITON_INTERPRET=1``)."""
     if resolve_backend(name, device, compute_dtype) != "triton":
         return
+    _check_triton_installed(name)
     if compute_dtype == torch.float64:
         raise ValueError("backend='triton' runs fp32/fp16/bf16; use backend='torch' or 'auto' for float64 inputs")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -67,8 +84,15 @@ def check_backend(name: str, device: torch.device, compute_dtype: torch.dtype) -
 
 
 def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> ModuleType:
-    """The module of backend ``name`` (``"auto"`` resolved for ``device`` and ``compute_dtype``)."""
-    return importlib.import_module(_BACKENDS[resolve_backend(name, device, compute_dtype)])
+    """The module of backend ``name`` (``"auto"`` resolved for ``device`` and ``compute_dtype``).
+
+    Only the triton backend imports triton; without it, asking for that backend raises the
+    ``ValueError`` of :func:`check_backend`.
+    """
+    resolved = resolve_backend(name, device, compute_dtype)
+    if resolved == "triton":
+        _check_triton_installed(name)
+    return importlib.import_module(_BACKENDS[resolved])
 
 
 class _NotDifferentiableAgain(torch.autograd.Function):

@@ -9,7 +9,19 @@ Kernel families, one per module:
 
 :mod:`.backward` chains the backward kernels over class chunks; :mod:`.configs` holds the
 block configurations (and :func:`.configs.override_configs` for tests).
+
+This package needs the optional ``triton`` package (Linux wheels); the rest of
+:mod:`unicom_kernels` does not import it.
 """
+
+import importlib.util
+
+if importlib.util.find_spec("triton") is None:
+    raise ModuleNotFoundError(
+        "unicom_kernels.triton needs the triton package, which is not installed: pip install triton "
+        "(or pip install 'unicom-kernels[triton]'); backend='torch' runs without it",
+        name="triton",
+    )
 
 from .backward import margin_softmax_backward
 from .configs import Configs, TileConfig, get_configs, override_configs
