@@ -139,7 +139,7 @@ class OursRunner(Runner):
             margin_type=st.margin_type,
             margin_grad=st.margin_grad,
             dim_index=problem.dim_index,
-            check_finite=False,
+            check_values=False,
             backend=backend,
         )
         labels = problem.y

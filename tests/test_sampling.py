@@ -4,40 +4,52 @@ import pytest
 import torch
 
 from unicom_kernels import DualPartialMarginLoss, dual_partial_margin_loss
-from unicom_kernels.sampling import num_sampled_classes, sample_classes, sample_dims, step_generator
+from unicom_kernels.sampling import generator_keys, sample_classes, sample_dims, step_keys
 
 
 @pytest.mark.parametrize("num_classes,rate,num_pos", [(1000, 0.1, 37), (1000, 0.01, 37), (97, 0.29, 5), (50, 1.0, 3)])
 def test_sample_classes_properties(num_classes, rate, num_pos):
     gen = torch.Generator().manual_seed(3)
     positives = torch.randperm(num_classes, generator=gen)[:num_pos]
-    index = sample_classes(positives, num_classes, rate, torch.Generator().manual_seed(5))
+    index = sample_classes(positives, generator_keys(num_classes, torch.Generator().manual_seed(5), "cpu"), rate)
     assert index.dtype == torch.int64
-    assert index.numel() == max(num_pos, int(rate * num_classes)) == num_sampled_classes(num_pos, num_classes, rate)
+    assert index.numel() == max(num_pos, int(rate * num_classes), 1)
     assert torch.isin(positives, index).all()
     assert torch.equal(index, index.unique())  # distinct and sorted
     assert int(index.min()) >= 0 and int(index.max()) < num_classes
 
 
 def test_sample_classes_never_empty():
-    index = sample_classes(torch.empty(0, dtype=torch.int64), 50, 0.001, torch.Generator().manual_seed(0))
+    index = sample_classes(torch.empty(0, dtype=torch.int64), step_keys(0, torch.tensor(0), 0, 50), 0.001)
     assert index.numel() == 1 and 0 <= int(index) < 50
 
 
 def test_sample_classes_more_positives_than_rate():
     positives = torch.arange(0, 200, 2)
-    index = sample_classes(positives, 1000, 0.05, torch.Generator().manual_seed(0))
+    labels = torch.cat([positives, positives, torch.full((5,), -1)])  # repeats and entries of no class
+    index = sample_classes(labels, step_keys(0, torch.tensor(0), 0, 1000), 0.05)
     assert torch.equal(index, positives)
 
 
+def test_sample_classes_ignores_minus_one_entries():
+    labels = torch.tensor([-1, 4, -1, 4, 9])
+    index = sample_classes(labels, step_keys(3, torch.tensor(1), 0, 20), 0.25)
+    assert index.numel() == 5 and torch.isin(torch.tensor([4, 9]), index).all()
+
+
 def test_negatives_are_uniform():
-    """Each non-positive class is drawn with probability (n - P) / (C - P)."""
+    """Each non-positive class is drawn with probability (n - P) / (C - P), from either key source."""
     num_classes, rate, trials = 40, 0.25, 4000
     positives = torch.tensor([3, 17])
-    counts = torch.zeros(num_classes)
     gen = torch.Generator().manual_seed(11)
-    for _ in range(trials):
-        counts[sample_classes(positives, num_classes, rate, gen)] += 1
+    for keys in (lambda t: generator_keys(num_classes, gen, "cpu"), lambda t: step_keys(5, torch.tensor(t), 2, 40)):
+        counts = torch.zeros(num_classes)
+        for t in range(trials):
+            counts[sample_classes(positives, keys(t), rate)] += 1
+        _check_uniform(counts, positives, trials, num_classes)
+
+
+def _check_uniform(counts, positives, trials, num_classes):
     assert torch.all(counts[positives] == trials)
     negatives = torch.ones(num_classes, dtype=torch.bool)
     negatives[positives] = False
@@ -47,16 +59,24 @@ def test_negatives_are_uniform():
 
 
 def test_sample_dims_properties():
-    dims = sample_dims(512, 256, torch.Generator().manual_seed(0))
+    dims = sample_dims(256, step_keys(0, torch.tensor(0), 1, 512))
     assert dims.numel() == 256 and torch.equal(dims, dims.unique())
     assert int(dims.min()) >= 0 and int(dims.max()) < 512
 
 
-def test_step_generator_reproducible_and_distinct():
-    a = torch.rand(8, generator=step_generator(7, 3, 0))
-    assert torch.equal(a, torch.rand(8, generator=step_generator(7, 3, 0)))
+def test_step_keys_reproducible_distinct_and_in_range():
+    a = step_keys(7, torch.tensor(3), 0, 1000)
+    assert a.dtype == torch.int64 and int(a.min()) >= 0 and int(a.max()) < 2**62
+    assert torch.equal(a, step_keys(7, torch.tensor(3), 0, 1000))
+    assert a.unique().numel() == 1000
     for other in [(7, 4, 0), (8, 3, 0), (7, 3, 1)]:
-        assert not torch.equal(a, torch.rand(8, generator=step_generator(*other)))
+        b = step_keys(other[0], torch.tensor(other[1]), other[2], 1000)
+        # Unrelated draws: the ranks of the keys are uncorrelated.
+        rank_a, rank_b = a.argsort().argsort().double(), b.argsort().argsort().double()
+        assert abs(torch.corrcoef(torch.stack([rank_a, rank_b]))[0, 1]) < 0.1
+    # The high bits are uniform: each of 16 bins holds 1/16 of 100k keys (4 sigma).
+    top = step_keys(1, torch.tensor(0), 0, 100_000) >> 58
+    assert (torch.bincount(top, minlength=16) - 6250).abs().max() < 4 * 6250**0.5
 
 
 def _batch(num_classes=200, batch=24, dim=32, seed=0):

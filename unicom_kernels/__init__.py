@@ -2,11 +2,13 @@
 
 Public API: :class:`DualPartialMarginLoss` (module owning the prototypes) and
 :func:`dual_partial_margin_loss` (functional form); :func:`class_range` tells which block
-of classes a rank owns when the loss is sharded across a process group.
+of classes a rank owns when the loss is sharded across a process group, and
+:func:`exclude_shards_from_ddp` keeps those blocks out of ``DistributedDataParallel`` when
+the loss is part of the wrapped module.
 """
 
-from .distributed import class_range
+from .distributed import class_range, exclude_shards_from_ddp
 from .loss import DualPartialMarginLoss, dual_partial_margin_loss
 
-__all__ = ["DualPartialMarginLoss", "class_range", "dual_partial_margin_loss"]
+__all__ = ["DualPartialMarginLoss", "class_range", "dual_partial_margin_loss", "exclude_shards_from_ddp"]
 __version__ = "0.1.0"

@@ -151,15 +151,16 @@ def check_inputs(
     labels: object,
     *,
     ignore_index: int,
-    check_finite: bool,
-    check_labels: bool = True,
+    check_values: bool,
 ) -> Tensor:
-    """Check types, shapes, devices and (``check_labels``) the label range against
-    ``prototypes.shape[0]``; optionally that embeddings are finite. Returns the labels as int64.
+    """Check types, shapes and devices, and with ``check_values`` that the labels lie in
+    ``[0, prototypes.shape[0])`` (or equal ``ignore_index``) and the embeddings are finite.
+    Returns the labels as int64.
 
     Labels of any integer dtype are widened to int64 first, so that ``ignore_index`` and the
     class range are compared as numbers (in uint8, ``-1`` would wrap to 255: class 255).
-    The label-range and finiteness checks read one value back to the host.
+    The value checks read one value back from the device (a host synchronisation on a GPU);
+    the rest looks at shapes and dtypes only.
     """
     x, w = check_embeddings(embeddings, prototypes)
     y = _check_integer_tensor(labels, "labels")
@@ -172,13 +173,17 @@ def check_inputs(
             f"embeddings, prototypes and labels must be on one device, got {x.device}, {w.device}, {y.device}"
         )
     y = y.to(torch.int64)
-    num_classes = w.shape[0]
-    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
-    if check_labels and bad.any():
-        value = y[bad][0].item()
-        raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}")
-    if check_finite and not torch.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or inf (pass check_finite=False to skip this check)")
+    if check_values:
+        num_classes = w.shape[0]
+        bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+        labels_bad, nonfinite = torch.stack([bad.any(), ~torch.isfinite(x).all()]).tolist()  # the one read back
+        if labels_bad:
+            value = y[bad][0].item()
+            raise ValueError(
+                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
+            )
+        if nonfinite:
+            raise ValueError("embeddings contain NaN or inf (pass check_values=False to skip the value checks)")
     return y
 
 
@@ -197,9 +202,10 @@ def _check_index(index: object, name: str, low: int, high: int, what: str, devic
 
 def check_class_index(class_index: object, positives: Tensor, start: int, stop: int) -> Tensor:
     """Validate explicit global class ids (this rank's block is ``[start, stop)``) against the
-    local ``positives``; returns the sorted local ids (``class_index - start``)."""
+    local ``positives`` (labels shifted into the block, ``-1`` for none); returns the sorted
+    local ids (``class_index - start``)."""
     index = _check_index(class_index, "class_index", start, stop, "class ids", positives.device) - start
-    missing = positives[~torch.isin(positives, index)]
+    missing = positives[(positives >= 0) & ~torch.isin(positives, index)]
     if missing.numel():
         raise ValueError(
             f"class_index must contain every label of the batch; label {missing[0].item() + start} is missing"

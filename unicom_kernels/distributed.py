@@ -12,6 +12,9 @@ Per step the loss makes these collectives:
 4. the per-row statistics ``(exp(lse_r - bound), z_t)``, one all-reduce of ``[2, N]`` fp64
    (its size does not grow with the world size), from which every rank computes the
    identical global log-sum-exp and loss.
+
+Each rank's prototype block must stay out of data parallelism: when the loss is part of a
+module wrapped in ``DistributedDataParallel``, :func:`exclude_shards_from_ddp` tells DDP so.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import zlib
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .ops import mean_over_rows, once_differentiable
 
@@ -40,6 +44,48 @@ def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = base * rank + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def exclude_shards_from_ddp(model: nn.Module) -> list[str]:
+    """Mark the prototype shards of every sharded loss inside ``model`` as ignored by DDP.
+
+    Call it on the module about to be wrapped, before ``DistributedDataParallel(model)``,
+    when that module contains a :class:`~unicom_kernels.DualPartialMarginLoss` with a
+    ``process_group``. Each rank holds a different block of classes whose gradient is
+    already complete on that rank, so DDP must neither broadcast rank 0's block to the others
+    at construction nor average the blocks' gradients (nor compare their shapes, which differ
+    when the class count is not divisible by the world size). The other parameters stay
+    data-parallel. Not needed when the loss lives outside the wrapped module.
+
+    DDP reads the fully qualified names from ``model._ddp_params_and_buffers_to_ignore``
+    (set through ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``);
+    names already there are kept, and calling this twice changes nothing.
+
+    Returns:
+        The names of the excluded parameters and buffers as ``model.named_parameters()``
+        spells them (e.g. ``["criterion.weight"]``), in module order; ``[]`` if ``model``
+        holds no sharded loss.
+
+    Raises:
+        TypeError: ``model`` is already wrapped (DDP has taken its parameters by then).
+    """
+    from .loss import DualPartialMarginLoss  # loss imports this module
+
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError(
+            "exclude_shards_from_ddp(model) must be called before DistributedDataParallel(model), "
+            "on the module to be wrapped, not on the wrapper"
+        )
+    names: list[str] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, DualPartialMarginLoss) and module.process_group is not None:
+            names += [name for name, _ in module.named_parameters(prefix=prefix)]
+            names += [name for name, _ in module.named_buffers(prefix=prefix)]
+    if names:
+        ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        ignored += [name for name in names if name not in ignored]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return names
 
 
 def comm_device(group: dist.ProcessGroup) -> torch.device:
@@ -119,7 +165,7 @@ def check_agreement(table: Tensor, num_classes: int | None, settings: dict, grou
             )
     bad = [r for r in range(world) if table[r, _NONFINITE]]
     if bad:
-        raise ValueError(f"embeddings contain NaN or inf on rank(s) {bad} (check_finite=False skips this check)")
+        raise ValueError(f"embeddings contain NaN or inf on rank(s) {bad} (check_values=False skips this check)")
     return total
 
 
@@ -130,7 +176,7 @@ def local_info(
     ignore_index: int,
     options: int,
     dims: int,
-    check_finite: bool,
+    check_values: bool,
 ) -> list[int]:
     """This rank's agreement vector (one host sync for the label range and finiteness)."""
     valid = labels[labels != ignore_index]
@@ -138,7 +184,7 @@ def local_info(
         [
             valid.min() if valid.numel() else labels.new_tensor(1),
             valid.max() if valid.numel() else labels.new_tensor(0),
-            (~torch.isfinite(embeddings).all()).to(labels.dtype) if check_finite else labels.new_tensor(0),
+            (~torch.isfinite(embeddings).all()).to(labels.dtype) if check_values else labels.new_tensor(0),
         ]
     ).tolist()
     info = [0] * _FIELDS

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from . import _checks
 from . import distributed as _dist
 from .ops import BACKENDS, accumulation_dtype, check_backend, get_backend, mean_loss, normalize_rows
-from .sampling import sample_classes, sample_dims, step_generator
+from .sampling import generator_keys, sample_classes, sample_dims, step_keys
 
-# (local positives, block start, block size) -> sorted local class indices of the step.
+# (local labels, -1 outside the block, block start, block size) -> sorted local class indices of the step.
 ClassChooser = Callable[[Tensor, int, int], Tensor]
 
 
@@ -82,7 +82,7 @@ def _check_tensors(
     prototypes: Tensor,
     labels: Tensor,
     opts: _Options,
-    check_finite: bool,
+    check_values: bool,
     sharded: bool = False,
     generator: object = None,
 ) -> Tensor:
@@ -95,8 +95,7 @@ def _check_tensors(
         prototypes,
         labels,
         ignore_index=opts.ignore_index,
-        check_finite=check_finite and not sharded,
-        check_labels=not sharded,
+        check_values=check_values and not sharded,
     )
     check_backend(opts.backend, embeddings.device, _compute_dtype(embeddings, prototypes))
     return labels
@@ -111,10 +110,13 @@ def _settings(opts: _Options, embeddings: object, prototypes: object, **state: o
     return {**asdict(opts), "embeddings.dtype": dtype(embeddings), "prototypes.dtype": dtype(prototypes), **state}
 
 
-def _local_positives(labels: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
-    """Sorted distinct labels in ``[start, stop)``, shifted to ``[0, stop - start)``."""
+def _local_labels(labels: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
+    """``[N]`` labels shifted to ``[0, stop - start)``, ``-1`` where ignored or outside the block.
+
+    Same shape as ``labels`` (no mask, no ``unique``): nothing is read back from the device.
+    """
     inside = (labels != ignore_index) & (labels >= start) & (labels < stop)
-    return labels[inside].unique() - start
+    return torch.where(inside, labels - start, -1)
 
 
 def _gathered(
@@ -132,9 +134,8 @@ def _gathered(
 def _targets(labels: Tensor, class_index: Tensor, ignore_index: int, start: int, stop: int) -> Tensor:
     """Column of each row's class in the sorted local ``class_index``; -1 when the row is
     ignored or its class lies outside ``[start, stop)``."""
-    here = (labels != ignore_index) & (labels >= start) & (labels < stop)
-    local = (labels - start).masked_fill(~here, 0).to(torch.int64)
-    return torch.searchsorted(class_index, local).masked_fill(~here, -1)
+    local = _local_labels(labels, ignore_index, start, stop)
+    return torch.searchsorted(class_index, local.clamp_min(0)).masked_fill(local < 0, -1)
 
 
 def _single_process_loss(
@@ -162,46 +163,58 @@ def _sharded_loss(
     num_classes: int | None,
     choose_dims: Callable[[], Tensor | None],
     choose_classes: ClassChooser,
-    settings: dict,
-    check_finite: bool,
+    settings: Callable[[], dict],
+    check_values: bool,
     generator: object = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The loss with classes sharded across ``group``; ``shard`` is this rank's ``[C_r, D]`` block.
 
-    Everything that could fail on one rank only runs before the agreements, and any
-    exception there (not only the checks' own) is agreed on, so all ranks raise together
-    instead of the others waiting in the next collective. ``settings`` (options, dtypes,
-    the module's state) must be equal on every rank. Returns ``(loss, class_index,
-    dim_index)``, the classes as global ids.
+    With ``check_values``, everything that could fail on one rank only runs before two
+    agreements, and any exception there (not only the checks' own) is agreed on, so all ranks
+    raise together instead of the others waiting in the next collective; ``settings()``
+    (options, dtypes, the module's state) must be equal on every rank. The agreements read
+    from the device. Without ``check_values`` (possible when ``num_classes`` is known) they
+    are skipped: the caller guarantees equal settings and valid inputs on every rank. Returns
+    ``(loss, class_index, dim_index)``, the classes as global ids.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    error, info, dim_index = None, _dist.failed_info(), None
+    agreeing = check_values or num_classes is None
+    error, info, dim_index, agreed = None, _dist.failed_info(), None, {}
     try:
-        labels = _check_tensors(embeddings, shard, labels, opts, check_finite, sharded=True, generator=generator)
+        labels = _check_tensors(embeddings, shard, labels, opts, check_values, sharded=True, generator=generator)
         dim_index = choose_dims()
-        dims_digest = _dist.fingerprint(None if dim_index is None else dim_index.tolist())
-        info = _dist.local_info(
-            embeddings,
-            shard.shape[0],
-            labels,
-            opts.ignore_index,
-            _dist.fingerprint(settings),
-            dims_digest,
-            check_finite,
-        )
+        if agreeing:
+            agreed = settings()
+            dims_digest = _dist.fingerprint(None if dim_index is None else dim_index.tolist())
+            info = _dist.local_info(
+                embeddings,
+                shard.shape[0],
+                labels,
+                opts.ignore_index,
+                _dist.fingerprint(agreed),
+                dims_digest,
+                check_values,
+            )
     except Exception as exc:
+        if not agreeing:
+            raise
         error = exc
-    total = _dist.check_agreement(_dist.agree(group, info, error), num_classes, settings, group)
+    total = num_classes
+    if agreeing:
+        total = _dist.check_agreement(_dist.agree(group, info, error), num_classes, agreed, group)
     start, stop = _dist.class_range(total, rank, world)
 
     all_labels = _dist.all_gather_labels(labels, group)
     error, class_index = None, None
     try:
-        positives = _local_positives(all_labels, opts.ignore_index, start, stop)
-        class_index = choose_classes(positives, start, stop - start)
+        local_labels = _local_labels(all_labels, opts.ignore_index, start, stop)
+        class_index = choose_classes(local_labels, start, stop - start)
     except Exception as exc:
+        if not agreeing:
+            raise
         error = exc
-    _dist.agree(group, _dist.failed_info(), error)
+    if agreeing:
+        _dist.agree(group, _dist.failed_info(), error)
 
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
     # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
@@ -234,7 +247,7 @@ def dual_partial_margin_loss(
     ignore_index: int = -1,
     generator: torch.Generator | None = None,
     backend: str = "auto",
-    check_finite: bool = True,
+    check_values: bool = True,
     process_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Margin softmax loss over a random subset of classes and feature dimensions.
@@ -261,7 +274,11 @@ def dual_partial_margin_loss(
             ``process_group`` the dims must come out equal on every rank: seed it alike.
         backend: ``"auto"`` (``"triton"`` for CUDA tensors, ``"torch"`` otherwise and for
             fp64), ``"triton"``, ``"torch"`` or ``"reference"``.
-        check_finite: reject non-finite embeddings (one host sync; turn off for speed).
+        check_values: check that the labels lie in ``[0, C)`` (or equal ``ignore_index``) and
+            the embeddings are finite, which reads one value back from the device (a host
+            synchronisation on a GPU). ``False`` skips these checks: with every class sampled, or
+            ``int(class_sample_rate * C)`` at least the number of rows, the step then reads
+            nothing back (CUDA-graph friendly); out-of-range labels are then undefined behaviour.
         process_group: shard the classes across this group's ranks (model parallel). The
             embeddings are all-gathered; their gradient is reduce-scattered back and scaled
             by the world size, so that DDP's gradient averaging yields the single-process step.
@@ -284,12 +301,16 @@ def dual_partial_margin_loss(
         if dim_index is not None:
             return _checks.check_dim_index(dim_index, dim, embeddings.device)
         k = _checks.num_selected_dims(dim, dim_sample_rate, num_dims)
-        return sample_dims(dim, k, generator, embeddings.device) if k < dim else None
+        return sample_dims(k, generator_keys(dim, generator, embeddings.device)) if k < dim else None
 
-    def choose_classes(positives: Tensor, start: int, num_local: int) -> Tensor:
-        if class_index is None:
-            return sample_classes(positives, num_local, class_sample_rate, generator)
-        return _checks.check_class_index(class_index, positives, start, start + num_local)
+    def choose_classes(local_labels: Tensor, start: int, num_local: int) -> Tensor:
+        if class_index is not None:
+            return _checks.check_class_index(class_index, local_labels, start, start + num_local)
+        if class_sample_rate >= 1.0:
+            return torch.arange(num_local, device=local_labels.device)
+        return sample_classes(
+            local_labels, generator_keys(num_local, generator, local_labels.device), class_sample_rate
+        )
 
     if process_group is not None:
         loss, _, _ = _sharded_loss(
@@ -301,15 +322,14 @@ def dual_partial_margin_loss(
             num_classes=None,
             choose_dims=choose_dims,
             choose_classes=choose_classes,
-            settings=_settings(opts, embeddings, prototypes),
-            check_finite=check_finite,
+            settings=lambda: _settings(opts, embeddings, prototypes),
+            check_values=check_values,
             generator=generator,
         )
         return loss
-    labels = _check_tensors(embeddings, prototypes, labels, opts, check_finite, generator=generator)
+    labels = _check_tensors(embeddings, prototypes, labels, opts, check_values, generator=generator)
     num_classes = prototypes.shape[0]
-    positives = _local_positives(labels, ignore_index, 0, num_classes)
-    selected = choose_classes(positives, 0, num_classes)
+    selected = choose_classes(_local_labels(labels, opts.ignore_index, 0, num_classes), 0, num_classes)
     return _single_process_loss(embeddings, prototypes, labels, selected, choose_dims(), opts)
 
 
@@ -345,7 +365,7 @@ class DualPartialMarginLoss(nn.Module):
         ignore_index: int = -1,
         backend: str = "auto",
         seed: int = 0,
-        check_finite: bool = True,
+        check_values: bool = True,
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -361,7 +381,7 @@ class DualPartialMarginLoss(nn.Module):
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.num_dims = _checks.num_selected_dims(embedding_dim, dim_sample_rate, num_dims)
-        self.check_finite = check_finite
+        self.check_values = check_values
         self.process_group = process_group
         self.rank = 0 if process_group is None else dist.get_rank(process_group)
         world = 1 if process_group is None else dist.get_world_size(process_group)
@@ -369,45 +389,52 @@ class DualPartialMarginLoss(nn.Module):
             raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({world})")
         self.class_range = _dist.class_range(num_classes, self.rank, world)
         self.seed = seed
-        self.step = 0
+        # A device tensor advanced in place: the sampler reads it on the device, so a step needs
+        # no host value, compiles once and replays in a CUDA graph. Saved via the extra state.
+        self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         rows = self.class_range[1] - self.class_range[0]
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device).normal_(0.0, 0.01))
         self.last_class_index: Tensor | None = None
         self.last_dim_index: Tensor | None = None
 
+    @property
+    def step(self) -> int:
+        """Training-mode calls so far (reading it waits for the device)."""
+        return int(self._step)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step.fill_(value)
+
     def _choose_dims(self, device: torch.device) -> Tensor | None:
         if self.num_dims == self.embedding_dim or not self.training:
             return None
-        # Drawn on the CPU from (seed, step) alone: every device and every rank gets the same subset.
-        return sample_dims(self.embedding_dim, self.num_dims, step_generator(self.seed, self.step, 1), device)
+        # Keyed by (seed, step) alone: every rank and device gets the same subset.
+        return sample_dims(self.num_dims, step_keys(self.seed, self._step.to(device), 1, self.embedding_dim))
 
-    def _choose_classes(self, positives: Tensor, start: int, num_local: int) -> Tensor:
-        if not self.training:
-            return torch.arange(num_local, device=positives.device)
+    def _choose_classes(self, local_labels: Tensor, start: int, num_local: int) -> Tensor:
+        if not self.training or self.options.class_sample_rate >= 1.0:
+            return torch.arange(num_local, device=local_labels.device)
         # One stream per rank (stream 0 for rank 0, as in a single process).
-        generator = step_generator(self.seed, self.step, 2 * self.rank, positives.device)
-        return sample_classes(positives, num_local, self.options.class_sample_rate, generator)
+        keys = step_keys(self.seed, self._step.to(local_labels.device), 2 * self.rank, num_local)
+        return sample_classes(local_labels, keys, self.options.class_sample_rate)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         # Eval mode: the plain normalised softmax cross-entropy of the classifier that logits()
         # defines (all classes and dims, no margin): a validation loss that is not a random draw.
         opts = self.options if self.training else replace(self.options, margin_type="none", margin=0.0)
         if self.process_group is None:
-            labels = _check_tensors(embeddings, self.weight, labels, opts, self.check_finite)
-            positives = _local_positives(labels, opts.ignore_index, 0, self.num_classes)
-            class_index = self._choose_classes(positives, 0, self.num_classes)
+            labels = _check_tensors(embeddings, self.weight, labels, opts, self.check_values)
+            local_labels = _local_labels(labels, opts.ignore_index, 0, self.num_classes)
+            class_index = self._choose_classes(local_labels, 0, self.num_classes)
             dim_index = self._choose_dims(embeddings.device)
             loss = _single_process_loss(embeddings, self.weight, labels, class_index, dim_index, opts)
         else:
-            settings = _settings(
-                opts,
-                embeddings,
-                self.weight,
-                num_classes=self.num_classes,
-                seed=self.seed,
-                step=self.step,
-                training=self.training,
-            )
+
+            def settings() -> dict:
+                state = dict(num_classes=self.num_classes, seed=self.seed, step=self.step, training=self.training)
+                return _settings(opts, embeddings, self.weight, **state)
+
             loss, class_index, dim_index = _sharded_loss(
                 embeddings,
                 self.weight,
@@ -418,11 +445,11 @@ class DualPartialMarginLoss(nn.Module):
                 choose_dims=lambda: self._choose_dims(embeddings.device),
                 choose_classes=self._choose_classes,
                 settings=settings,
-                check_finite=self.check_finite,
+                check_values=self.check_values,
             )
         self.last_class_index, self.last_dim_index = class_index, dim_index
         if self.training:
-            self.step += 1
+            self._step.add_(1)
         return loss
 
     def logits(self, embeddings: Tensor, chunk_rows: int = 4096) -> Tensor:

@@ -1,7 +1,13 @@
 """Dual partial selection: which classes and which feature dimensions take part in a step.
 
-DESIGN.md section 2.3-2.4. Both samplers draw from an explicit ``torch.Generator`` so a
-(seed, step) pair fixes the sample; :func:`step_generator` derives one per stream.
+Both samplers rank random integer keys: the classes keep the highest-keyed negatives beside
+every positive, the dims the highest-keyed ones. The keys come from one of two sources:
+
+- :func:`step_keys`, a counter-based hash of ``(seed, step, stream, index)`` in int64 tensor
+  arithmetic on ``step``'s device. The module uses it: with ``step`` a device tensor advanced in
+  place, a step needs no generator and reads nothing back from the device, compiles into one
+  graph and replays in a CUDA graph, and every rank and device type draws the same keys.
+- :func:`generator_keys`, drawn from a ``torch.Generator`` (the functional form's ``generator``).
 """
 
 from __future__ import annotations
@@ -10,70 +16,87 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+# Random keys lie in [0, 2^62); a positive class gets 2^62, above every random key.
+_KEY_RANGE = 1 << 62
 
 
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
     return x ^ (x >> 31)
 
 
-def step_generator(seed: int, step: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from ``(seed, step, stream)``.
-
-    Well-mixed, so neighbouring steps or seeds give unrelated samples. Streams keep the
-    class and dimension draws independent; every process that passes the same triple
-    draws the same numbers on the same device type.
-    """
-    state = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) ^ stream)
-    return torch.Generator(device=device).manual_seed(state >> 1)
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 value torch holds for it."""
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
-def _device_of(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
-    return fallback if generator is None else generator.device
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def num_sampled_classes(num_positives: int, num_classes: int, rate: float) -> int:
-    """``max(|P|, int(rate * C), 1)``: all positives, topped up with negatives to the rate.
-
-    At least one class, so a batch (or a rank's block) without positives at a tiny rate
-    still yields a well-defined log-sum-exp instead of an empty set.
-    """
-    return max(num_positives, int(rate * num_classes), 1)
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2^64, as in C)."""
+    x = (x ^ _shift_right(x, 30)) * _signed(_MIX1)
+    x = (x ^ _shift_right(x, 27)) * _signed(_MIX2)
+    return x ^ _shift_right(x, 31)
 
 
-def sample_classes(
-    positives: Tensor, num_classes: int, rate: float, generator: torch.Generator | None = None
-) -> Tensor:
-    """Sorted class indices: every positive plus distinct uniform-random negatives.
+def step_keys(seed: int, step: Tensor, stream: int, n: int) -> Tensor:
+    """``[n]`` int64 keys in ``[0, 2^62)``, a hash of ``(seed, step, stream, index)``.
 
     Args:
-        positives: ``[P]`` int64, distinct labels of the batch (any order).
-        num_classes: ``C``; the result indexes ``[0, C)``.
-        rate: ``class_sample_rate`` in ``(0, 1]``; ``1.0`` returns every class.
-        generator: source of randomness; its device is where the draw happens.
+        seed, stream: Python ints; streams keep draws of one step independent (classes of
+            each rank, dims).
+        step: 0-dim int64 tensor; the keys live on its device.
+
+    Well mixed (neighbouring steps, seeds or indices give unrelated keys) and exact integer
+    arithmetic, so identical on every device.
+    """
+    base = _signed(_splitmix64(_splitmix64(seed & _MASK64) ^ (stream & _MASK64)))
+    x = _mix((step.to(torch.int64) + base) * _signed(_GOLDEN))
+    index = torch.arange(n, device=step.device, dtype=torch.int64)
+    return _shift_right(_mix(x + (index + 1) * _signed(_GOLDEN)), 2)
+
+
+def generator_keys(n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """``[n]`` int64 keys in ``[0, 2^62)`` drawn on ``generator``'s device (else ``device``),
+    returned on ``device``."""
+    draw_device = torch.device(device) if generator is None else generator.device
+    return torch.randint(0, _KEY_RANGE, (n,), generator=generator, device=draw_device).to(device)
+
+
+def sample_classes(positives: Tensor, keys: Tensor, rate: float) -> Tensor:
+    """Sorted class indices: every positive plus the highest-keyed negatives.
+
+    Args:
+        positives: ``[P]`` int64 labels of the batch in ``[0, C)``, any order, repeats allowed;
+            ``-1`` entries (ignored rows, or classes of another rank's block) count for nothing.
+        keys: ``[C]`` random int64 keys in ``[0, 2^62)`` (:func:`step_keys`, :func:`generator_keys`),
+            on ``positives.device``: top-n of uniform keys is a uniform draw without replacement.
+        rate: ``class_sample_rate`` in ``(0, 1]``.
 
     Returns:
-        ``[n]`` int64 on ``positives.device``, sorted, ``n = max(P, int(rate * C), 1)``.
+        ``[n]`` int64, sorted, ``n = max(distinct positives, int(rate * C), 1)`` (at least one
+        class, so a block without positives still has a log-sum-exp). When ``P <= max(int(rate *
+        C), 1)`` (as many sampled classes as rows, or more), ``n`` is known without counting the
+        distinct positives: nothing is read back from the device.
     """
-    device = positives.device
-    if rate >= 1.0:
-        return torch.arange(num_classes, device=device)
-    n = num_sampled_classes(positives.numel(), num_classes, rate)
-    # Random scores in [0, 1); positives get 2 so top-n keeps them all and fills the
-    # rest with the n - P highest-scoring negatives: a uniform draw without replacement.
-    draw_device = _device_of(generator, device)
-    scores = torch.rand(num_classes, generator=generator, device=draw_device)
-    scores[positives.to(draw_device)] = 2.0
-    chosen = torch.topk(scores, n, sorted=False).indices
-    return chosen.sort().values.to(device)
+    num_classes = keys.numel()
+    # Slot C takes the -1 entries, so that no mask (a data-dependent shape) is needed.
+    scores = torch.cat([keys, keys.new_zeros(1)])
+    scores.index_fill_(0, torch.where(positives >= 0, positives, num_classes), _KEY_RANGE)
+    scores = scores[:num_classes]
+    n = max(int(rate * num_classes), 1)
+    if positives.numel() > n:  # more rows than the rate's classes: count the distinct positives (one read)
+        n = max(n, int((scores == _KEY_RANGE).sum()))
+    return torch.topk(scores, n, sorted=False).indices.sort().values
 
 
-def sample_dims(
-    dim: int, k: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-) -> Tensor:
-    """Sorted ``[k]`` int64 subset of ``range(dim)``, uniform without replacement."""
-    draw_device = _device_of(generator, torch.device(device))
-    perm = torch.randperm(dim, generator=generator, device=draw_device)
-    return perm[:k].sort().values.to(device)
+def sample_dims(k: int, keys: Tensor) -> Tensor:
+    """Sorted ``[k]`` int64 subset of ``range(D)``, the ``k`` highest of the ``[D]`` ``keys``."""
+    return torch.topk(keys, k, sorted=False).indices.sort().values
