@@ -112,15 +112,15 @@ class _Problem:
         step = max(1, CHUNK_ELEMENTS // num_cols)
         for r0 in range(0, num_rows, step):
             rows = slice(r0, min(r0 + step, num_rows))
-            has_t = self.has_target[rows]
-            ar = torch.arange(rows.stop - r0, device=x.device)[has_t]
-            c = self.col[rows][has_t]
+            # Fixed-shape target updates (gather, then scatter back with rows without a target
+            # keeping their entry): a boolean mask would read its count back from the device.
+            has_t, c = self.has_target[rows], self.col[rows].unsqueeze(1)
             # s * cos straight from the GEMM (the scale folded into the small operand), clamped.
             logits = (x[rows] * scale) @ w.T
             if col_scale is not None:
                 logits.mul_(col_scale)
             logits.clamp_(-scale, scale)
-            logits[ar, c] = self.z_t[rows][has_t]
+            logits.scatter_(1, c, torch.where(has_t, self.z_t[rows], logits.gather(1, c).squeeze(1)).unsqueeze(1))
             # Log-sum-exp by hand so the exponentials are computed once and reused as p.
             row_max = logits.amax(dim=1)
             g = logits.sub_(row_max.unsqueeze(1)).exp_()
@@ -130,9 +130,11 @@ class _Problem:
                 continue
             # dL/dz_ij = a_i p_ij (+ b_i on the target); dz/dcos = scale off-target, dz_dc on it.
             a = lse_weight[rows]
-            p_t = g[ar, c] / sum_exp[has_t]
-            g.mul_((scale * a / sum_exp).unsqueeze(1))
-            g[ar, c] = (a[has_t] * p_t + target_weight[rows][has_t]) * self.dz_dc[rows][has_t]
+            exp_t, row_factor = g.gather(1, c).squeeze(1), scale * a / sum_exp
+            g.mul_(row_factor.unsqueeze(1))
+            on_target = (a * (exp_t / sum_exp) + target_weight[rows]) * self.dz_dc[rows]
+            # Rows without a target write back exp_t * row_factor, the value g.mul_ just left there.
+            g.scatter_(1, c, torch.where(has_t, on_target, exp_t * row_factor).unsqueeze(1))
             if col_scale is not None:  # G diag(1/|w|): then G @ w = G @ w_unit, and G^T @ x = h
                 g.mul_(col_scale)
             grad_x[rows] = g @ w
@@ -140,6 +142,12 @@ class _Problem:
         if want_grad:
             grad_x, grad_w = self.x_unit.grad_in_place(grad_x), self.w_unit.grad_in_place(grad_w)
         return lse, grad_x, grad_w
+
+
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on ``device`` costs no wait for an accelerator (and
+    no data-dependent branch in a graph being compiled)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class _ChunkedMarginSoftmax(torch.autograd.Function):
@@ -165,7 +173,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         # The loss is usually the graph's root (grad_out == 1): hand the buffers over instead
         # of copying them, which halves the backward's peak. Reading grad_out is free on the
         # CPU; elsewhere it would wait for the device, so there the product is always formed.
-        if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
+        if not _host_reads_are_free(grad_out.device) or grad_out.item() != 1.0:
             grad_x, grad_w = grad_x * grad_out, grad_w * grad_out
         return *once_differentiable(_NAME, grad_x, grad_w), None, None, None, None
 
