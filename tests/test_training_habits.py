@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ranks import spawn
+from sync_ops import NoHostSync
 
 from unicom_kernels import DualPartialMarginLoss, class_range, dual_partial_margin_loss
-from unicom_kernels.ops import get_backend
+from unicom_kernels.ops import get_backend, torch_chunked
 
 B, C, D = 11, 37, 24  # not multiples of any block
 BACKENDS = ("reference", "torch", "triton")  # triton is interpreted on the CPU
@@ -128,3 +129,99 @@ def test_eval_mode_and_logits_sharded(tmp_path):
     with torch.no_grad():
         single.weight.copy_(w)
     torch.testing.assert_close(torch.cat([res["logits"] for res in results], dim=1), single.logits(x))
+
+
+# --------------------------------------------------------------------------- no host synchronisation
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    """The torch backend takes its accelerator path: reading a value is not free there."""
+    monkeypatch.setattr(torch_chunked, "_host_reads_are_free", lambda device: False)
+
+
+def _module_step(criterion, x, y):
+    xg = x.clone().requires_grad_()
+    criterion(xg, y).backward()
+    return xg.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_module_step_never_waits_without_value_checks(backend, as_on_cuda):
+    """int(rate * C) >= rows: a fixed-size class set; check_values=False: nothing is read back."""
+    x, _, y = _inputs()
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.3, dim_sample_rate=0.5, backend=backend)
+    criterion.check_values = False
+    for _ in range(2):
+        with NoHostSync():
+            _module_step(criterion, x, y)
+    assert criterion.step == 2
+
+
+def test_module_step_waits_once_with_value_checks(as_on_cuda):
+    x, _, y = _inputs()
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.3, dim_sample_rate=0.5)
+    with NoHostSync(allow=1) as probe:
+        _module_step(criterion, x, y)
+    assert len(probe.seen) == 1 and "_checks.py" in probe.seen[0], probe.seen
+
+
+def test_fewer_sampled_classes_than_rows_count_the_positives_once(as_on_cuda):
+    x, _, y = _inputs()
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.1, check_values=False)  # int(0.1 * 37) < 11 rows
+    with NoHostSync(allow=1) as probe:
+        _module_step(criterion, x, y)
+    assert len(probe.seen) == 1 and "sampling.py" in probe.seen[0], probe.seen
+
+
+def _scenario_sharded_step_never_waits(rank, world, group):
+    x, _, y = _inputs()
+    torch_chunked._host_reads_are_free = lambda device: False  # this process only
+    criterion = DualPartialMarginLoss(C, D, process_group=group, class_sample_rate=0.6, check_values=False)
+    rows = slice(rank * 5, rank * 5 + 5)
+    waits = None
+    try:
+        with NoHostSync():
+            _module_step(criterion, x[rows], y[rows])
+    except AssertionError as exc:
+        waits = str(exc)
+    return {"waits": waits, "class_index": criterion.last_class_index, "dim_index": criterion.last_dim_index}
+
+
+def test_sharded_module_step_never_waits_without_value_checks(tmp_path):
+    results = spawn(2, _scenario_sharded_step_never_waits, tmp_path)
+    for res in results:
+        assert res["waits"] is None, res["waits"]
+    assert torch.equal(results[0]["dim_index"], results[1]["dim_index"])
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("check_values", [True, False])
+def test_compiles_once_for_every_step(backend, check_values):
+    """fullgraph: no graph break; the step is a device buffer, so 20 steps reuse one graph."""
+    torch._dynamo.reset()
+    x, _, y = _inputs()
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.3, backend=backend, check_values=check_values)
+    eager = DualPartialMarginLoss(C, D, class_sample_rate=0.3, backend=backend, check_values=check_values)
+    eager.load_state_dict(criterion.state_dict())
+    frames = []
+
+    def counting_backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda e, t: criterion(e, t), fullgraph=True, backend=counting_backend)
+    for _ in range(20):
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss = compiled(xc, y)
+        loss.backward()
+        expected = eager(xe, y)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-7)
+        assert torch.equal(criterion.last_class_index, eager.last_class_index)
+    assert len(frames) == 1, f"compiled {len(frames)} times"
+    assert criterion.step == 20

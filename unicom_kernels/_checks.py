@@ -173,14 +173,15 @@ def check_inputs(
             f"embeddings, prototypes and labels must be on one device, got {x.device}, {w.device}, {y.device}"
         )
     y = y.to(torch.int64)
-    if check_values:
+    # A graph being compiled cannot raise from device values (a device-side assert would end
+    # the process): there the value checks are left to the eager calls.
+    if check_values and not torch.compiler.is_compiling():
         num_classes = w.shape[0]
         bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
         labels_bad, nonfinite = torch.stack([bad.any(), ~torch.isfinite(x).all()]).tolist()  # the one read back
         if labels_bad:
-            value = y[bad][0].item()
             raise ValueError(
-                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
+                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {y[bad][0].item()}"
             )
         if nonfinite:
             raise ValueError("embeddings contain NaN or inf (pass check_values=False to skip the value checks)")

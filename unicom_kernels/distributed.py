@@ -264,7 +264,8 @@ def global_loss(lse: Tensor, z_t: Tensor, valid: Tensor, logit_bound: float, gro
     fp64, whatever the world size. Only for ``logit_bound > 300`` (where fp64 could
     underflow) does a max all-reduce come first.
     """
-    shift = torch.tensor(logit_bound, dtype=torch.float64, device=lse.device)
+    # A Python number, not a tensor made from one: that would be a copy from the host to the device.
+    shift: float | Tensor = float(logit_bound)
     if logit_bound > _FIXED_SHIFT_LIMIT:
         shift = lse.detach().to(torch.float64, copy=True)  # all_reduce works in place
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)

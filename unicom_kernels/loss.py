@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, ops
 from . import distributed as _dist
 from .ops import BACKENDS, accumulation_dtype, check_backend, get_backend, mean_loss, normalize_rows
 from .sampling import generator_keys, sample_classes, sample_dims, step_keys
@@ -394,6 +394,9 @@ class DualPartialMarginLoss(nn.Module):
         self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         rows = self.class_range[1] - self.class_range[0]
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device).normal_(0.0, 0.01))
+        # Import the backend now rather than in the first forward, which torch.compile may be tracing.
+        with contextlib.suppress(ValueError):  # not runnable here: forward says why, on the inputs it gets
+            ops.get_backend(backend, self.weight.device)
         self.last_class_index: Tensor | None = None
         self.last_dim_index: Tensor | None = None
 

@@ -59,8 +59,10 @@ def step_keys(seed: int, step: Tensor, stream: int, n: int) -> Tensor:
     """
     base = _signed(_splitmix64(_splitmix64(seed & _MASK64) ^ (stream & _MASK64)))
     x = _mix((step.to(torch.int64) + base) * _signed(_GOLDEN))
+    # Two finaliser rounds over x ^ index (not x + index * constant: inductor miscompiles the
+    # overflowing product of an arange on the CPU).
     index = torch.arange(n, device=step.device, dtype=torch.int64)
-    return _shift_right(_mix(x + (index + 1) * _signed(_GOLDEN)), 2)
+    return _shift_right(_mix(_mix(x ^ index)), 2)
 
 
 def generator_keys(n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:

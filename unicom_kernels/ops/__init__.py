@@ -37,6 +37,7 @@ _BACKENDS = {
 }
 
 BACKENDS = ("auto", *_BACKENDS)
+_LOADED: dict[str, ModuleType] = {}
 
 
 def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -90,9 +91,11 @@ def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = to
     ``ValueError`` of :func:`check_backend`.
     """
     resolved = resolve_backend(name, device, compute_dtype)
-    if resolved == "triton":
-        _check_triton_installed(name)
-    return importlib.import_module(_BACKENDS[resolved])
+    if resolved not in _LOADED:  # imported once; a dict lookup is what torch.compile traces later
+        if resolved == "triton":
+            _check_triton_installed(name)
+        _LOADED[resolved] = importlib.import_module(_BACKENDS[resolved])
+    return _LOADED[resolved]
 
 
 class _NotDifferentiableAgain(torch.autograd.Function):
