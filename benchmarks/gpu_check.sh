@@ -6,8 +6,10 @@
 # Needs only a python with torch + triton + pytest and a CUDA device; installs nothing.
 # Logs and CSV go to $OUT when it is set, else to benchmarks/results/gpu_check/.
 # Steps (each bounded by `timeout`, < 8 minutes in all): environment, kernel report (sm_90),
-# pytest -m gpu (correctness at real sizes incl. shape A vs float64, determinism, no host
-# sync, memory, torch.compile), then benchmarks/bench_triton.py; the timing table prints last.
+# pytest -m gpu (correctness at real sizes incl. shape A vs float64, NaN/inf inputs,
+# determinism, no host sync, memory, torch.compile, autocast, a whole training step under
+# set_sync_debug_mode("error") and replayed in a CUDA graph), then benchmarks/bench_triton.py;
+# the timing table prints last.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

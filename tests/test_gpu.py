@@ -218,3 +218,80 @@ def test_non_finite_inputs_give_a_nan_loss(where, dtype):
     assert loss.isnan(), f"loss {loss.item()} for {where}"
     lse, _z_t = triton_op.lse_and_target(x, w, target, **kw)
     assert lse.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_module_under_autocast(dtype):
+    """fp32 backbone outputs under CUDA autocast: bf16/fp16 GEMMs, fp32 loss, gradients in their dtypes."""
+    from unicom_kernels import DualPartialMarginLoss
+
+    torch.manual_seed(10)
+    backbone = torch.nn.Linear(256, 128).cuda()
+    criterion = DualPartialMarginLoss(5000, 128, scale=64.0, margin=0.5, device="cuda")
+    images = torch.randn(512, 256, device="cuda")
+    labels = torch.randint(0, 5000, (512,), device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        embeddings = backbone(images)
+        loss = criterion(embeddings, labels)
+    loss.backward()
+    assert embeddings.dtype == dtype and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert criterion.weight.grad.dtype == torch.float32 and torch.isfinite(criterion.weight.grad).all()
+    assert torch.isfinite(backbone.weight.grad).all()
+
+
+def _training_step_parts(seed: int = 11):
+    from unicom_kernels import DualPartialMarginLoss
+
+    torch.manual_seed(seed)
+    backbone = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    # int(0.1 * 100_000) >= 1024 rows: a fixed-size class set; no value checks: nothing is read back.
+    criterion = DualPartialMarginLoss(100_000, 256, class_sample_rate=0.1, check_values=False, device="cuda")
+    params = [*backbone.parameters(), *criterion.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, capturable=True)
+    images = torch.randn(1024, 256, device="cuda")
+    labels = torch.randint(0, 100_000, (1024,), device="cuda")
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = criterion(backbone(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step, criterion
+
+
+def test_training_step_never_syncs():
+    step, _ = _training_step_parts()
+    for _ in range(3):  # compile the kernels, create the optimizer state
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_training_step_replays_in_a_cuda_graph():
+    """Backbone, loss and optimizer captured once; each replay is a new step with a new sample."""
+    step, criterion = _training_step_parts()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    before = criterion.step
+    sampled = []
+    for _ in range(5):
+        graph.replay()
+        sampled.append(criterion.last_class_index.clone())
+    torch.cuda.synchronize()
+    assert criterion.step == before + 5 and torch.isfinite(loss)
+    assert not torch.equal(sampled[0], sampled[1]), "replays must draw new classes"
