@@ -225,3 +225,21 @@ def test_compiles_once_for_every_step(backend, check_values):
         assert torch.equal(criterion.last_class_index, eager.last_class_index)
     assert len(frames) == 1, f"compiled {len(frames)} times"
     assert criterion.step == 20
+
+
+def _scenario_sharded_step_reads_only_the_agreement(rank, world, group):
+    x, _, y = _inputs()
+    torch_chunked._host_reads_are_free = lambda device: False  # this process only
+    criterion = DualPartialMarginLoss(C, D, process_group=group, class_sample_rate=0.6)
+    rows = slice(rank * 5, rank * 5 + 5)
+    with NoHostSync(allow=100) as probe:
+        _module_step(criterion, x[rows], y[rows])
+    return {"seen": probe.seen}
+
+
+def test_sharded_module_step_with_value_checks_reads_only_the_agreement(tmp_path):
+    """The two agreements' reads of their gathered tables are the step's only waits."""
+    results = spawn(2, _scenario_sharded_step_reads_only_the_agreement, tmp_path)
+    for res in results:
+        assert len(res["seen"]) == 2, res["seen"]
+        assert all("distributed.py" in seen and seen.endswith(" in agree") for seen in res["seen"]), res["seen"]

@@ -29,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from .ops import mean_over_rows, once_differentiable
 
 # Fields of the agreement vector.
-_ERROR, _BATCH, _DIM, _ROWS, _OPTIONS, _DIMS, _LABEL_MIN, _LABEL_MAX, _NONFINITE = range(9)
-_FIELDS = 9
+_ERROR, _BATCH, _DIM, _ROWS, _OPTIONS, _DIMS, _LABEL_MIN, _LABEL_MAX, _NONFINITE, _STEP = range(10)
+_FIELDS = 10
 _UNKNOWN = -1
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 # torch >= 2.12 renamed the single-tensor collectives; older releases (the GPU image) have the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -100,16 +101,20 @@ def fingerprint(*values: object) -> int:
     return zlib.crc32(repr(values).encode())
 
 
-def agree(group: dist.ProcessGroup, info: list[int], error: Exception | None) -> Tensor:
-    """All-gather every rank's ``info`` (see the field names above); raise on every rank if
-    any rank reported ``error``. Returns ``[world, fields]`` int64 on the CPU."""
+def agree(group: dist.ProcessGroup, info: Tensor | None, error: Exception | None) -> list[list[int]]:
+    """All-gather every rank's ``info`` (:func:`local_info`; ``None`` where the local work failed);
+    raise on every rank if any rank reported ``error``. Returns the ``[world][fields]`` table as
+    Python ints: the agreement's one read back from the device."""
     world = dist.get_world_size(group)
-    local = torch.tensor(info, dtype=torch.int64, device=comm_device(group))
+    device = comm_device(group)
+    if info is None:  # filled on the device: a tensor made from a list would be a copy from the host
+        info = torch.full((_FIELDS,), _UNKNOWN, dtype=torch.int64, device=device)
+    local = info.to(device)
     local[_ERROR] = int(error is not None)
-    table = torch.empty(world * _FIELDS, dtype=torch.int64, device=local.device)
+    table = torch.empty(world * _FIELDS, dtype=torch.int64, device=device)
     _all_gather(table, local, group=group)
-    table = table.view(world, _FIELDS).cpu()
-    if table[:, _ERROR].any():
+    table = table.view(world, _FIELDS).cpu().tolist()
+    if any(row[_ERROR] for row in table):
         # Every rank takes this branch, so the extra collective is matched everywhere.
         messages = [None] * world
         dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
@@ -129,28 +134,34 @@ def _differences(group: dist.ProcessGroup, settings: dict) -> str:
     return "; ".join(f"{k}: " + ", ".join(f"{s.get(k)!r} on rank {r}" for r, s in enumerate(gathered)) for k in names)
 
 
-def check_agreement(table: Tensor, num_classes: int | None, settings: dict, group: dist.ProcessGroup) -> int:
+def check_agreement(
+    table: list[list[int]], num_classes: int | None, settings: dict, group: dist.ProcessGroup
+) -> int:
     """Check the gathered ``table``: equal batch sizes, dims and ``settings`` (compared by
     digest; when they differ, every rank gathers them to name what differs), block-sharded
     prototypes, labels in range, finite embeddings. Returns the total class count.
 
     Raises the same ``ValueError`` on every rank (all ranks hold the same table).
     """
-    world = table.shape[0]
+    world = len(table)
+
+    def column(field: int) -> list[int]:
+        return [row[field] for row in table]
 
     def same(field: int, what: str) -> None:
-        values = table[:, field].tolist()
+        values = column(field)
         if len(set(values)) > 1:
             raise ValueError(f"{what} must be equal on every rank, got {values} (ranks 0..{world - 1})")
 
     same(_BATCH, "the local batch size (embeddings.shape[0])")
     same(_DIM, "the embedding dim (embeddings.shape[1])")
-    if len(set(table[:, _OPTIONS].tolist())) > 1:
+    if len(set(column(_OPTIONS))) > 1:
         raise ValueError(
             f"the loss settings must be equal on every rank; they differ in {_differences(group, settings)}"
         )
+    same(_STEP, "the loss module's step (resume every rank from the same checkpoint)")
     same(_DIMS, "the dimension subset (dim_index or the dimension sampler's generator state)")
-    rows = table[:, _ROWS].tolist()
+    rows = column(_ROWS)
     total = sum(rows) if num_classes is None else num_classes
     expected = [b - a for a, b in (class_range(total, r, world) for r in range(world))]
     if rows != expected:
@@ -158,12 +169,12 @@ def check_agreement(table: Tensor, num_classes: int | None, settings: dict, grou
             f"prototypes must be the block shards of {total} classes, {expected} rows on ranks 0..{world - 1}; "
             f"got {rows}"
         )
-    for r, (lo, hi) in enumerate(table[:, [_LABEL_MIN, _LABEL_MAX]].tolist()):
+    for r, (lo, hi) in enumerate(zip(column(_LABEL_MIN), column(_LABEL_MAX), strict=True)):
         if hi >= lo and (lo < 0 or hi >= total):
             raise ValueError(
                 f"labels must be in [0, {total}) or equal ignore_index; rank {r} has {lo if lo < 0 else hi}"
             )
-    bad = [r for r in range(world) if table[r, _NONFINITE]]
+    bad = [r for r, nonfinite in enumerate(column(_NONFINITE)) if nonfinite]
     if bad:
         raise ValueError(f"embeddings contain NaN or inf on rank(s) {bad} (check_values=False skips this check)")
     return total
@@ -174,29 +185,41 @@ def local_info(
     prototype_rows: int,
     labels: Tensor,
     ignore_index: int,
-    options: int,
-    dims: int,
+    settings: int,
+    dim_index: Tensor | None,
+    step: Tensor | None,
     check_values: bool,
-) -> list[int]:
-    """This rank's agreement vector (one host sync for the label range and finiteness)."""
-    valid = labels[labels != ignore_index]
-    summary = torch.stack(
-        [
-            valid.min() if valid.numel() else labels.new_tensor(1),
-            valid.max() if valid.numel() else labels.new_tensor(0),
-            (~torch.isfinite(embeddings).all()).to(labels.dtype) if check_values else labels.new_tensor(0),
-        ]
-    ).tolist()
-    info = [0] * _FIELDS
-    info[_BATCH], info[_DIM] = embeddings.shape
-    info[_ROWS], info[_OPTIONS], info[_DIMS] = prototype_rows, options, dims
-    info[_LABEL_MIN], info[_LABEL_MAX], info[_NONFINITE] = summary
-    return info
+) -> Tensor:
+    """This rank's agreement vector, ``[fields]`` int64 on the embeddings' device.
 
+    Built from device values and constants filled on the device, so that making it reads
+    nothing back: :func:`agree`'s read of the gathered table is the only one. ``settings`` is
+    the digest of the host-side settings; ``step`` the module's step (``None``: 0).
+    """
 
-def failed_info() -> list[int]:
-    """The agreement vector of a rank whose local checks failed (its fields are unused)."""
-    return [_UNKNOWN] * _FIELDS
+    def const(value: int) -> Tensor:
+        return torch.full((), value, dtype=torch.int64, device=embeddings.device)
+
+    valid = labels != ignore_index
+    # Without a valid label, min > max: the range check skips the rank.
+    low = torch.where(valid, labels, _INT64_MAX).amin()
+    high = torch.where(valid, labels, -1).amax()
+    nonfinite = (~torch.isfinite(embeddings).all()).to(torch.int64) if check_values else const(0)
+    # A digest of the dims on the device: distinct subsets of one size differ in it almost surely.
+    dims = const(-1) if dim_index is None else ((dim_index.to(torch.int64) + 1) * 0x9E3779B1 % (1 << 31)).sum()
+    fields = {
+        _ERROR: const(0),
+        _BATCH: const(embeddings.shape[0]),
+        _DIM: const(embeddings.shape[1]),
+        _ROWS: const(prototype_rows),
+        _OPTIONS: const(settings),
+        _DIMS: dims,
+        _LABEL_MIN: low,
+        _LABEL_MAX: high,
+        _NONFINITE: nonfinite,
+        _STEP: const(0) if step is None else step.to(device=embeddings.device, dtype=torch.int64),
+    }
+    return torch.stack([fields[f] for f in range(_FIELDS)])
 
 
 def all_gather_labels(labels: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -166,6 +166,7 @@ def _sharded_loss(
     settings: Callable[[], dict],
     check_values: bool,
     generator: object = None,
+    step: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The loss with classes sharded across ``group``; ``shard`` is this rank's ``[C_r, D]`` block.
 
@@ -179,20 +180,20 @@ def _sharded_loss(
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     agreeing = check_values or num_classes is None
-    error, info, dim_index, agreed = None, _dist.failed_info(), None, {}
+    error, info, dim_index, agreed = None, None, None, {}
     try:
         labels = _check_tensors(embeddings, shard, labels, opts, check_values, sharded=True, generator=generator)
         dim_index = choose_dims()
         if agreeing:
             agreed = settings()
-            dims_digest = _dist.fingerprint(None if dim_index is None else dim_index.tolist())
             info = _dist.local_info(
                 embeddings,
                 shard.shape[0],
                 labels,
                 opts.ignore_index,
                 _dist.fingerprint(agreed),
-                dims_digest,
+                dim_index,
+                step,
                 check_values,
             )
     except Exception as exc:
@@ -214,7 +215,7 @@ def _sharded_loss(
             raise
         error = exc
     if agreeing:
-        _dist.agree(group, _dist.failed_info(), error)
+        _dist.agree(group, None, error)
 
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
     # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
@@ -293,7 +294,7 @@ def dual_partial_margin_loss(
         )
     except (TypeError, ValueError) as exc:
         if process_group is not None:  # the other ranks are waiting in the first agreement
-            _dist.agree(process_group, _dist.failed_info(), exc)
+            _dist.agree(process_group, None, exc)
         raise
 
     def choose_dims() -> Tensor | None:
@@ -435,7 +436,7 @@ class DualPartialMarginLoss(nn.Module):
         else:
 
             def settings() -> dict:
-                state = dict(num_classes=self.num_classes, seed=self.seed, step=self.step, training=self.training)
+                state = dict(num_classes=self.num_classes, seed=self.seed, training=self.training)
                 return _settings(opts, embeddings, self.weight, **state)
 
             loss, class_index, dim_index = _sharded_loss(
@@ -449,6 +450,7 @@ class DualPartialMarginLoss(nn.Module):
                 choose_classes=self._choose_classes,
                 settings=settings,
                 check_values=self.check_values,
+                step=self._step,
             )
         self.last_class_index, self.last_dim_index = class_index, dim_index
         if self.training:
