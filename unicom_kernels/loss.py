@@ -206,15 +206,19 @@ def _sharded_loss(
     start, stop = _dist.class_range(total, rank, world)
 
     all_labels = _dist.all_gather_labels(labels, group)
+    # The second agreement guards what can fail on one rank after the first: the validation of
+    # an explicit class_index and a sampler given by the caller. The module's own sampler has
+    # no input to reject, so it goes without (one read back per step with check_values).
+    agree_on_classes = num_classes is None
     error, class_index = None, None
     try:
         local_labels = _local_labels(all_labels, opts.ignore_index, start, stop)
         class_index = choose_classes(local_labels, start, stop - start)
     except Exception as exc:
-        if not agreeing:
+        if not agree_on_classes:
             raise
         error = exc
-    if agreeing:
+    if agree_on_classes:
         _dist.agree(group, None, error)
 
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
