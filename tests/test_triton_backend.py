@@ -407,3 +407,26 @@ def test_workspace_is_bounded():
             triton_op.margin_softmax_loss(xn, wn, target, **_kw()).backward()
     # The biggest buffers: the workspace (N x 64) and grad_w (n x k); never N x n.
     assert mode.largest <= max(N * 64, n * k) < N * n
+
+
+@pytest.mark.parametrize("shapes", [((0, 16), (5, 16)), ((4, 16), (0, 16))])
+def test_empty_operands_are_named(shapes):
+    from unicom_kernels.ops import triton_op
+
+    (xs, ws) = shapes
+    x, w = torch.randn(*xs), torch.randn(*ws)
+    target = torch.zeros(xs[0], dtype=torch.int64)
+    for entry in (triton_op.margin_softmax_loss, triton_op.lse_and_target):
+        with pytest.raises(ValueError, match="N, n, k >= 1"):
+            entry(x, w, target, scale=32.0, margin=0.3, margin_type="arcface", margin_grad="exact",
+                  compute_dtype=torch.float32)  # fmt: skip
+
+
+def test_operands_beyond_int32_offsets_are_refused():
+    """4.2M classes x 512 dims on one rank would overflow the kernels' int32 element offsets."""
+    from unicom_kernels.ops import triton_op
+
+    w = torch.empty(2**31 // 512, 512, device="meta")  # no memory: the check looks at shapes only
+    x = torch.empty(8, 512, device="meta")
+    with pytest.raises(ValueError, match="2\\^31"):
+        triton_op._check(x, w, torch.empty(8, dtype=torch.int64, device="meta"), torch.bfloat16)

@@ -44,6 +44,7 @@ from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_log
 from . import normalize_rows, once_differentiable
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_LIMIT = 2**31
 
 
 def _prepare(
@@ -248,6 +249,17 @@ def _check(xn: Tensor, wn: Tensor, target: Tensor, compute_dtype: torch.dtype) -
         raise ValueError(
             f"expected xn [N, k], wn [n, k], target [N]; got {tuple(xn.shape)}, {tuple(wn.shape)}, "
             f"{tuple(target.shape)}"
+        )
+    if xn.shape[0] == 0 or wn.shape[0] == 0 or xn.shape[1] == 0:
+        raise ValueError(f"the triton kernels need N, n, k >= 1; got xn {tuple(xn.shape)}, wn {tuple(wn.shape)}")
+    # The kernels address elements with int32 offsets: row * stride + column, k padded to 16.
+    k_pad = -(-xn.shape[1] // 16) * 16
+    largest = max(xn.shape[0], wn.shape[0]) * k_pad
+    if largest >= _INT32_LIMIT:
+        raise ValueError(
+            f"the triton kernels address at most 2^31 elements per operand; rows x padded dims = {largest} "
+            f"(xn {tuple(xn.shape)}, wn {tuple(wn.shape)}): shard the classes over more ranks or use "
+            "backend='torch'"
         )
 
 
