@@ -4,8 +4,10 @@
 PTX and a cubin on any machine; this module does it for every kernel specialisation the
 launchers use on a GPU (the :data:`~.configs.GPU_CONFIGS` tiles, each operand dtype, each
 ``tl.dot`` precision) and reads what the compiler produced: shared memory, registers,
-spills (``cuobjdump`` from Triton's package on the cubin) and whether the sm_90 PTX uses
-``wgmma``. ``tests/test_triton_compile.py`` and ``benchmarks/kernel_report.py`` use it.
+spills (``cuobjdump`` from Triton's package on the cubin), whether the sm_90 PTX uses
+``wgmma`` and how its loads are pipelined (:func:`pipelining`). :func:`report` compiles each
+specialisation once per process. ``tests/test_triton_compile.py`` and
+``benchmarks/kernel_report.py`` use it.
 
 It must run with ``TRITON_INTERPRET`` unset or 0 (``@triton.jit`` then yields compilable
 kernels), hence the command-line form: ``python -m unicom_kernels.triton.aot --arch 80 90``
@@ -58,7 +60,9 @@ class Spec:
     signature: dict[str, str]
     constexprs: dict[str, object]
     num_warps: int
-    num_stages: int
+    num_stages: int | None  # None: Triton's default, as for a launch that does not pass it
+    # Integer arguments known divisible by 16; None: the launchers' conventions (_DIVISIBLE_BY_16).
+    divisible: tuple[str, ...] | None = None
 
 
 def _tile_constexprs(tile: TileConfig, precision: str) -> dict[str, object]:
@@ -238,18 +242,27 @@ def compile_spec(spec: Spec, arch: int):
     for name in spec.constexprs:
         signature[name] = "constexpr"
     signature = {name: signature[name] for name in fn.arg_names}
-    # What the JIT infers at run time: 16-byte aligned pointers, and integers that the
-    # launchers keep divisible by 16 (padded k, strides, chunk starts and padded extents,
-    # N in every realistic batch). This matters: a mask along the contiguous dimension
+
+    # What the JIT infers at run time: 16-byte aligned pointers, and integers divisible by
+    # 16: those of spec.divisible (read off a real launch), else those that the launchers
+    # keep so (padded k, strides, chunk starts and padded extents, N in every realistic
+    # batch). This matters: a mask along the contiguous dimension
     # that is not constant over 16 elements stops vectorisation and software pipelining.
+    def divisible(name: str) -> bool:
+        if spec.divisible is not None:
+            return name in spec.divisible
+        return name.startswith("stride") or name in _DIVISIBLE_BY_16
+
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
-        if signature[name].startswith("*") or name.startswith("stride") or name in _DIVISIBLE_BY_16
+        if signature[name].startswith("*") or divisible(name)
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=spec.constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    options = {"num_warps": spec.num_warps}
+    if spec.num_stages is not None:
+        options["num_stages"] = spec.num_stages
     return triton.compile(source, target=target, options=options)
 
 
@@ -278,13 +291,62 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+_ASYNC_COPY = re.compile(r"^\s*cp\.async\.(?:cg|ca|bulk)(?!\.wait|\.commit)[\w.]*\s", re.M)
+_COPY_WAIT = re.compile(r"cp\.async(?:\.bulk)?\.wait_group(?:\.read)?\s+(\d+)")
+_MMA_WAIT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)")
+
+
+def pipelining(ptx: str) -> dict[str, object]:
+    """How the loads of a kernel overlap its math, read from its PTX.
+
+    A software-pipelined loop issues asynchronous global->shared copies (``cp.async``, or
+    ``cp.async.bulk`` for TMA) and waits with ``wait_group N``, N > 0, so that N copy
+    groups stay in flight while the current stage is consumed: ``loads_pipelined``. Waits
+    that are all ``wait_group 0`` wait for every copy at once: asynchronous, not pipelined.
+    ``wgmma.wait_group N`` > 0 (``mma_waits``) keeps tensor-core work in flight instead.
+    ``pipelined`` is the weaker "uses asynchronous copies at all".
+    """
+    copies = len(_ASYNC_COPY.findall(ptx))
+    copy_waits = sorted({int(d) for d in _COPY_WAIT.findall(ptx)})
+    return dict(
+        async_copies=copies,
+        copy_waits=copy_waits,
+        mma_waits=sorted({int(d) for d in _MMA_WAIT.findall(ptx)}),
+        pipelined=copies > 0,
+        loads_pipelined=copies > 0 and max(copy_waits, default=0) > 0,
+    )
+
+
+# Summaries by specialisation and arch: one compile per specialisation and run, however many
+# report rows (or launches of benchmarks/kernel_report.py's model) share it.
+_SUMMARIES: dict[tuple, dict[str, object]] = {}
+
+
+def spec_key(spec: Spec, arch: int) -> tuple:
+    return (
+        spec.fn.__name__,
+        tuple(sorted(spec.signature.items())),
+        tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
+        spec.num_warps,
+        spec.num_stages,
+        spec.divisible,
+        arch,
+    )
+
+
 def report(spec: Spec, arch: int) -> dict[str, object]:
-    """Compile ``spec`` for ``sm_<arch>`` and summarise the result."""
+    """Compile ``spec`` for ``sm_<arch>`` (once per run) and summarise the result."""
+    key = spec_key(spec, arch)
+    if key not in _SUMMARIES:
+        _SUMMARIES[key] = _summarise(spec, arch)
+    return dict(kernel=spec.name, **_SUMMARIES[key])
+
+
+def _summarise(spec: Spec, arch: int) -> dict[str, object]:
     kernel = compile_spec(spec, arch)
     ptx = kernel.asm["ptx"]
     usage = resource_usage(kernel.asm["cubin"])
     return dict(
-        kernel=spec.name,
         arch=f"sm_{arch}",
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,
@@ -294,8 +356,7 @@ def report(spec: Spec, arch: int) -> dict[str, object]:
         local_bytes=usage.get("local"),
         wgmma="wgmma" in ptx,
         mma="mma.sync" in ptx,
-        # Software pipelining of the K loop shows as asynchronous global->shared copies.
-        pipelined="cp.async" in ptx,
+        **pipelining(ptx),
     )
 
 

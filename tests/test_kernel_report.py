@@ -1,0 +1,67 @@
+"""``benchmarks/kernel_report.py``'s shape-A model runs without a GPU and reports every launch sensibly.
+
+The report compiles for sm_90 and so needs non-interpreted kernels: it runs in a subprocess
+with ``TRITON_INTERPRET=0`` (this test session has it set to 1), model only, at ``K = 256``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_GEMMS = {"lse_partial", "softmax_grad", "grad_x", "grad_w"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[str, list[dict]]:
+    out = tmp_path_factory.mktemp("kernel_report") / "rows.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/kernel_report.py", "--model-only", "--k", "256", "--json", str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_kernel_rows(report):
+    _, rows = report
+    kernels = [r for r in rows if r["kind"] == "model_kernel"]
+    assert {r["kernel"].split("[")[0] for r in kernels} == _GEMMS | {"target_logit", "lse_combine", "loss_finalize"}
+    for r in kernels:
+        assert r["K"] == 256 and r["phase"] in ("forward", "backward"), r
+        assert r["registers"] > 0 and r["blocks_per_sm"] >= 1 and r["programs"] > 0 and r["launches"] >= 1, r
+        assert 0 < r["wave_efficiency"] <= 1, r
+        assert isinstance(r["pipelined"], bool), r
+        assert r["model_us"] > 0, r
+        if r["kernel"].split("[")[0] in _GEMMS:
+            assert r["wgmma"] and r["flops"] > 0 and r["hbm_bytes_ideal"] > 0, r
+
+
+def test_gemm_passes(report):
+    """Forward 1 GEMM pass, backward 3 (recompute, grad_x, grad_w): 2 N n K FLOPs each."""
+    _, rows = report
+    kernels = [r for r in rows if r["kind"] == "model_kernel"]
+    one_pass = 2 * 4096 * 12_500 * 256
+    for phase, passes in (("forward", 1), ("backward", 3)):
+        assert sum(r["flops"] for r in kernels if r["phase"] == phase) == passes * one_pass
+
+
+def test_totals_beside_goals(report):
+    stdout, rows = report
+    (totals,) = [r for r in rows if r["kind"] == "model_totals"]
+    assert totals["goal_forward_us"] == 85 and totals["goal_step_us"] == 350
+    assert 0 < totals["forward_model_us"] < totals["step_model_us"]
+    assert totals["forward_triton_launches"] == 4 and totals["backward_triton_launches"] >= 3
+    assert totals["forward_torch_launches"] > 0 and totals["backward_torch_launches"] > 0
+    assert "modelled, not measured" in stdout and "MODEL" in stdout
+    assert "goal 85 us" in stdout and "goal 350 us" in stdout
