@@ -65,3 +65,30 @@ def test_totals_beside_goals(report):
     assert totals["forward_torch_launches"] > 0 and totals["backward_torch_launches"] > 0
     assert "modelled, not measured" in stdout and "MODEL" in stdout
     assert "goal 85 us" in stdout and "goal 350 us" in stdout
+
+
+_SPECS_MATCH = """
+import sys
+sys.path.insert(0, "benchmarks")
+from _kernel_model import record_step
+from unicom_kernels.triton import aot
+rec = record_step(64, 300, 32, scale=64.0, margin=0.5, margin_type="arcface", margin_grad="straight_through")
+launched = {(l.fn.__name__, l.num_warps, l.num_stages) for l in rec.launches}
+compiled = {(s.fn.__name__, s.num_warps, s.num_stages) for s in aot.specs()}
+missing = sorted(launched - compiled, key=str)
+print(missing)
+sys.exit(1 if missing else 0)
+"""
+
+
+def test_aot_specs_compile_kernels_as_the_launchers_launch_them():
+    """The compile report must describe the kernels that run: same warps and stages as the launches."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SPECS_MATCH],
+        cwd=ROOT,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"launched but never compiled with these options: {proc.stdout}{proc.stderr[-2000:]}"

@@ -199,7 +199,7 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 ),
                 dict(MARGIN=margin_code, EXACT=True, BLOCK_M=32, BLOCK_K=128),
                 4,
-                1,
+                None,  # as launched: Triton's default stages
             )
     yield Spec(
         "loss_finalize",
@@ -207,7 +207,7 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
         dict(row_loss_ptr=f32p, target_ptr=i64p, loss_ptr=f32p, count_ptr=f32p, N=i32),
         dict(BLOCK=1024),
         4,
-        1,
+        None,  # as launched: Triton's default stages
     )
     yield Spec(
         "lse_combine",
@@ -226,7 +226,7 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
         ),
         dict(BLOCK=configs.combine_block),
         4,
-        1,
+        None,  # as launched: Triton's default stages
     )
 
 
