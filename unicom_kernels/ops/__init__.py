@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-12  # norm floor of DESIGN.md section 2.5
+EPS = 1e-12  # norm floor of docs/design.md, section 2.5
 
 _BACKENDS = {
     "reference": "unicom_kernels.reference",
@@ -48,6 +48,24 @@ def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 def normalize_rows(v: Tensor, compute_dtype: torch.dtype) -> Tensor:
     """``v / max(|v|, EPS)`` row by row, in the accumulation dtype, differentiable."""
     return F.normalize(v.to(accumulation_dtype(compute_dtype)), dim=1, eps=EPS)
+
+
+def unit_rows(v: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(v, inv_norm, projects)`` for the normalisation without autograd: ``v`` detached in the
+    accumulation dtype, ``[rows]`` ``1 / max(|v|, EPS)``, and where ``|v| > EPS`` (below, the
+    norm is the constant ``EPS``: the Jacobian does not project there). The unit rows are
+    ``v * inv_norm[:, None]``."""
+    v = v.detach().to(accumulation_dtype(compute_dtype))
+    norm = torch.linalg.vector_norm(v, dim=1)
+    return v, 1.0 / norm.clamp_min(EPS), norm > EPS
+
+
+def unit_rows_grad_(grad: Tensor, unit: Tensor, inv_norm: Tensor, projects: Tensor) -> Tensor:
+    """``dL/dv`` from ``grad = dL/du`` for ``u = v / max(|v|, EPS)``, in place:
+    ``(g - u <u, g>) / max(|v|, EPS)``. A few passes over ``[rows, k]``, where autograd of
+    ``F.normalize`` makes several temporaries."""
+    dots = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).view(-1) * projects
+    return grad.addcmul_(unit, dots.unsqueeze(1), value=-1.0).mul_(inv_norm.unsqueeze(1))
 
 
 def resolve_backend(name: str, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> str:

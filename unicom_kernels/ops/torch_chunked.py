@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..margin import target_logit
-from . import EPS, accumulation_dtype, mean_over_rows, once_differentiable
+from . import accumulation_dtype, mean_over_rows, once_differentiable, unit_rows, unit_rows_grad_
 
 # 32 MiB of fp32 logits per chunk: at n = 50k that is 167 rows, enough for the GEMMs
 # to run near full speed (below ~100 rows they slow down by a third on CPU).
@@ -55,10 +55,7 @@ class _Unit:
     def __init__(self, v: Tensor, compute_dtype: torch.dtype, lazy: bool = False):
         acc = accumulation_dtype(compute_dtype)
         self.dtype = v.dtype
-        v = v.detach().to(acc)
-        norm = torch.linalg.vector_norm(v, dim=1)
-        self.inv_norm = 1.0 / norm.clamp_min(EPS)
-        self.projects = norm > EPS  # below eps the norm is the constant eps: no projection
+        v, self.inv_norm, self.projects = unit_rows(v, compute_dtype)
         if lazy and compute_dtype == acc:
             self.unit, self.operand, self.col_scale = None, v, self.inv_norm
         else:
@@ -72,8 +69,7 @@ class _Unit:
         ``col_scale``, ``h = g / max(|v|, eps)`` already, giving ``h - v <v, h> / |v|^2``.
         """
         if self.col_scale is None:
-            dots = torch.bmm(self.unit.unsqueeze(1), grad.unsqueeze(2)).view(-1) * self.projects
-            grad.addcmul_(self.unit, dots.unsqueeze(1), value=-1.0).mul_(self.inv_norm.unsqueeze(1))
+            unit_rows_grad_(grad, self.unit, self.inv_norm, self.projects)
         else:
             v = self.operand
             dots = torch.bmm(v.unsqueeze(1), grad.unsqueeze(2)).view(-1) * self.inv_norm.square() * self.projects

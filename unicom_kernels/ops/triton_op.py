@@ -8,18 +8,20 @@ Custom ops, so that ``torch.compile`` traces through (each op is one opaque node
 fake implementation giving its output shapes) and autograd works in eager and compiled
 code alike:
 
-- ``unicom_kernels::triton_margin_softmax(xn, wn, target, scale, margin, margin_type,
+- ``unicom_kernels::triton_margin_softmax(x, w, target, scale, margin, margin_type,
   margin_grad, compute_dtype) -> (loss, lse, tcoef)``: the mean loss. ``lse`` and
   ``tcoef = (p_t - 1) dz_t/dc`` (``[N]`` fp32, 0 for ignored rows) serve the backward; they
   are non-differentiable and :func:`margin_softmax_loss` returns only ``loss``.
 - ``unicom_kernels::triton_lse_and_target(...same...) -> (lse, z_t, dz_dc)``: per-row
   log-sum-exp and margined target logit (0 without a target); ``dz_dc`` is for the backward.
-- ``unicom_kernels::triton_margin_softmax_backward(xn, wn, target, lse, rowscale, tcoef,
-  gscale, scale, compute_dtype) -> (grad_xn, grad_wn)``: shared by both (see
+- ``unicom_kernels::triton_margin_softmax_backward(x, w, target, lse, rowscale, tcoef,
+  gscale, scale, compute_dtype) -> (grad_x, grad_w)``: shared by both (see
   :func:`unicom_kernels.triton.margin_softmax_backward` for the arguments).
 
-The forward casts ``xn``/``wn`` to the compute dtype once (``k`` zero-padded to a multiple
-of 16), computes each row's raw target cosine with a row-wise dot (fp32 products of the
+The ops take the raw rows ``x``, ``w`` and normalise them themselves (fp32 norms; the
+backward applies the normalisation's Jacobian analytically instead of autograd of
+``F.normalize``). The forward casts the unit rows to the compute dtype once (``k`` zero-padded
+to a multiple of 16), computes each row's raw target cosine with a row-wise dot (fp32 products of the
 compute-dtype values: the idea of CCE's ``indexed_dot``) and the formulas of
 :func:`unicom_kernels.margin.target_logit` for ``z_t`` and ``dz/dc`` per row (one small
 kernel, :mod:`unicom_kernels.triton.target_logit`), and hands these to the fused kernels,
@@ -27,7 +29,7 @@ which substitute the target entry. Forward launches: 2 casts + 4 kernels. The ba
 operands (cheaper than keeping copies alive between the passes); for bf16 it holds the
 bf16-rounded values in fp16 (see :func:`_backward_storage`).
 
-Memory beyond inputs and gradients: the compute-dtype copies of ``xn``/``wn``; forward
+Memory beyond inputs and gradients: the compute-dtype copies of ``x``/``w``; forward
 ``8 * S * N`` bytes of LSE partials (:mod:`unicom_kernels.triton.lse_forward`); backward
 ``N * chunk * itemsize`` bytes of workspace (``<= Configs.workspace_bytes``, 32 MiB; see
 :mod:`unicom_kernels.triton.backward`) plus ``O(N + n)`` index vectors. Nothing of size
@@ -41,29 +43,37 @@ import torch
 from torch import Tensor
 
 from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_logit
-from . import normalize_rows, once_differentiable
+from . import once_differentiable, unit_rows, unit_rows_grad_
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
 
 
+def _units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, inv_norm, projects)``: fp32 unit rows ``v / max(|v|, EPS)`` of the raw ``v``, and what
+    :func:`~unicom_kernels.ops.unit_rows_grad_` needs to carry a gradient back through them."""
+    v, inv_norm, projects = unit_rows(v, torch.float32)
+    return v * inv_norm.unsqueeze(1), inv_norm, projects
+
+
 def _prepare(
-    xn: Tensor, wn: Tensor, compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None
+    x: Tensor, w: Tensor, compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Contiguous copies rounded to ``compute_dtype`` (held in ``storage_dtype``), ``k`` padded to 16.
+    """Contiguous copies of unit rows rounded to ``compute_dtype`` (held in ``storage_dtype``), ``k``
+    padded to 16.
 
     Zero columns change no dot product; they give every row a 32-byte aligned stride and the
     kernels a ``k`` divisible by 16, which Triton needs to vectorise the loads and pipeline
     the K loop (it specialises integer arguments on divisibility by 16).
     """
     storage_dtype = storage_dtype or compute_dtype
-    k = xn.shape[1]
-    xr, wr = xn.to(compute_dtype), wn.to(compute_dtype)
+    k = x.shape[1]
+    xr, wr = x.to(compute_dtype), w.to(compute_dtype)
     if k % 16 == 0:
         return xr.to(storage_dtype).contiguous(), wr.to(storage_dtype).contiguous()
     k_pad = -(-k // 16) * 16
-    xc = xn.new_zeros((xn.shape[0], k_pad), dtype=storage_dtype)
-    wc = wn.new_zeros((wn.shape[0], k_pad), dtype=storage_dtype)
+    xc = x.new_zeros((x.shape[0], k_pad), dtype=storage_dtype)
+    wc = w.new_zeros((w.shape[0], k_pad), dtype=storage_dtype)
     xc[:, :k] = xr
     wc[:, :k] = wr
     return xc, wc
@@ -81,9 +91,9 @@ def _backward_storage(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if compute_dtype == torch.bfloat16 else compute_dtype
 
 
-def _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype):
-    """Shared forward: ``(lse, row_loss, tcoef, z_t, dz_dc)``, all ``[N]`` fp32."""
-    xc, wc = _prepare(xn, wn, compute_dtype)
+def _forward(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype):
+    """Shared forward of the raw ``x``, ``w``: ``(lse, row_loss, tcoef, z_t, dz_dc)``, all ``[N]`` fp32."""
+    xc, wc = _prepare(_units(x)[0], _units(w)[0], compute_dtype)
     # The formulas of unicom_kernels.margin.target_logit, fused with the target cosine.
     z_t, dz_dc = target_logit(
         xc, wc, target, scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad
@@ -97,8 +107,8 @@ def _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dt
 
 @torch.library.custom_op("unicom_kernels::triton_margin_softmax_backward", mutates_args=())
 def _backward_op(
-    xn: Tensor,
-    wn: Tensor,
+    x: Tensor,
+    w: Tensor,
     target: Tensor,
     lse: Tensor,
     rowscale: Tensor,
@@ -107,25 +117,30 @@ def _backward_op(
     scale: float,
     compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    xc, wc = _prepare(xn, wn, compute_dtype, _backward_storage(compute_dtype))
+    # The normalisation is part of the op: its Jacobian is applied here analytically (a few
+    # passes), not by autograd of F.normalize (a dozen launches and temporaries per operand).
+    (ux, *x_norm), (uw, *w_norm) = _units(x), _units(w)
+    xc, wc = _prepare(ux, uw, compute_dtype, _backward_storage(compute_dtype))
     grad_x, grad_w = margin_softmax_backward(xc, wc, target, lse, rowscale, tcoef, gscale, scale)
-    k = xn.shape[1]
-    return grad_x[:, :k].to(xn.dtype).contiguous(), grad_w[:, :k].to(wn.dtype).contiguous()
+    k = x.shape[1]
+    grad_x = unit_rows_grad_(grad_x[:, :k], ux, *x_norm)
+    grad_w = unit_rows_grad_(grad_w[:, :k], uw, *w_norm)
+    return grad_x.to(x.dtype).contiguous(), grad_w.to(w.dtype).contiguous()
 
 
 @_backward_op.register_fake
-def _backward_fake(xn, wn, target, lse, rowscale, tcoef, gscale, scale, compute_dtype):
-    return torch.empty_like(xn), torch.empty_like(wn)
+def _backward_fake(x, w, target, lse, rowscale, tcoef, gscale, scale, compute_dtype):
+    return torch.empty_like(x), torch.empty_like(w)
 
 
 def _grads(ctx, rowscale: Tensor, tcoef: Tensor, gscale: Tensor):
-    """The autograd return tuple of both forward ops (8 inputs, only xn/wn differentiable)."""
-    xn, wn, target, lse = ctx.saved_tensors[:4]
+    """The autograd return tuple of both forward ops (8 inputs, only x/w differentiable)."""
+    x, w, target, lse = ctx.saved_tensors[:4]
     grad_x = grad_w = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         grad_x, grad_w = once_differentiable(
             "backend='triton'",
-            *_backward_op(xn, wn, target, lse, rowscale, tcoef, gscale.reshape(()), ctx.scale, ctx.compute_dtype),
+            *_backward_op(x, w, target, lse, rowscale, tcoef, gscale.reshape(()), ctx.scale, ctx.compute_dtype),
         )
     return (
         grad_x if ctx.needs_input_grad[0] else None,
@@ -144,8 +159,8 @@ def _grads(ctx, rowscale: Tensor, tcoef: Tensor, gscale: Tensor):
 
 @torch.library.custom_op("unicom_kernels::triton_margin_softmax", mutates_args=())
 def _loss_op(
-    xn: Tensor,
-    wn: Tensor,
+    x: Tensor,
+    w: Tensor,
     target: Tensor,
     scale: float,
     margin: float,
@@ -153,26 +168,26 @@ def _loss_op(
     margin_grad: str,
     compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    lse, row_loss, tcoef, _, _ = _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype)
+    lse, row_loss, tcoef, _, _ = _forward(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype)
     loss, _count = mean_loss(row_loss, target)
     return loss, lse, tcoef
 
 
 @_loss_op.register_fake
-def _loss_fake(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype):
-    N = xn.shape[0]
+def _loss_fake(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype):
+    N = x.shape[0]
     return (
-        xn.new_empty((), dtype=torch.float32),
-        xn.new_empty((N,), dtype=torch.float32),
-        xn.new_empty((N,), dtype=torch.float32),
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((N,), dtype=torch.float32),
+        x.new_empty((N,), dtype=torch.float32),
     )
 
 
 def _loss_setup(ctx, inputs, output) -> None:
-    xn, wn, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
+    x, w, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
     _loss, lse, tcoef = output
     ctx.mark_non_differentiable(lse, tcoef)
-    ctx.save_for_backward(xn, wn, target, lse, tcoef)
+    ctx.save_for_backward(x, w, target, lse, tcoef)
     ctx.scale = scale
     ctx.compute_dtype = compute_dtype
 
@@ -193,8 +208,8 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 @torch.library.custom_op("unicom_kernels::triton_lse_and_target", mutates_args=())
 def _stats_op(
-    xn: Tensor,
-    wn: Tensor,
+    x: Tensor,
+    w: Tensor,
     target: Tensor,
     scale: float,
     margin: float,
@@ -202,21 +217,21 @@ def _stats_op(
     margin_grad: str,
     compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    lse, _, _, z_t, dz_dc = _forward(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype)
+    lse, _, _, z_t, dz_dc = _forward(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype)
     return lse, torch.where(target >= 0, z_t, 0.0), dz_dc
 
 
 @_stats_op.register_fake
-def _stats_fake(xn, wn, target, scale, margin, margin_type, margin_grad, compute_dtype):
-    N = xn.shape[0]
-    return tuple(xn.new_empty((N,), dtype=torch.float32) for _ in range(3))
+def _stats_fake(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype):
+    N = x.shape[0]
+    return tuple(x.new_empty((N,), dtype=torch.float32) for _ in range(3))
 
 
 def _stats_setup(ctx, inputs, output) -> None:
-    xn, wn, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
+    x, w, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
     lse, z_t, dz_dc = output
     ctx.mark_non_differentiable(dz_dc)
-    ctx.save_for_backward(xn, wn, target, lse, z_t, dz_dc)
+    ctx.save_for_backward(x, w, target, lse, z_t, dz_dc)
     ctx.scale = scale
     ctx.compute_dtype = compute_dtype
 
@@ -239,26 +254,25 @@ _stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
 # --------------------------------------------------------------------------- public functions
 
 
-def _check(xn: Tensor, wn: Tensor, target: Tensor, compute_dtype: torch.dtype) -> None:
+def _check(x: Tensor, w: Tensor, target: Tensor, compute_dtype: torch.dtype) -> None:
     if compute_dtype not in _SUPPORTED:
         raise ValueError(
             f"compute_dtype must be one of torch.float32, torch.float16, torch.bfloat16 for the "
             f"triton backend, got {compute_dtype}; use backend='torch' for float64"
         )
-    if xn.dim() != 2 or wn.dim() != 2 or xn.shape[1] != wn.shape[1] or target.shape != (xn.shape[0],):
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or target.shape != (x.shape[0],):
         raise ValueError(
-            f"expected xn [N, k], wn [n, k], target [N]; got {tuple(xn.shape)}, {tuple(wn.shape)}, "
-            f"{tuple(target.shape)}"
+            f"expected x [N, k], w [n, k], target [N]; got {tuple(x.shape)}, {tuple(w.shape)}, {tuple(target.shape)}"
         )
-    if xn.shape[0] == 0 or wn.shape[0] == 0 or xn.shape[1] == 0:
-        raise ValueError(f"the triton kernels need N, n, k >= 1; got xn {tuple(xn.shape)}, wn {tuple(wn.shape)}")
+    if x.shape[0] == 0 or w.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"the triton kernels need N, n, k >= 1; got x {tuple(x.shape)}, w {tuple(w.shape)}")
     # The kernels address elements with int32 offsets: row * stride + column, k padded to 16.
-    k_pad = -(-xn.shape[1] // 16) * 16
-    largest = max(xn.shape[0], wn.shape[0]) * k_pad
+    k_pad = -(-x.shape[1] // 16) * 16
+    largest = max(x.shape[0], w.shape[0]) * k_pad
     if largest >= _INT32_LIMIT:
         raise ValueError(
             f"the triton kernels address at most 2^31 elements per operand; rows x padded dims = {largest} "
-            f"(xn {tuple(xn.shape)}, wn {tuple(wn.shape)}): shard the classes over more ranks or use "
+            f"(x {tuple(x.shape)}, w {tuple(w.shape)}): shard the classes over more ranks or use "
             "backend='torch'"
         )
 
@@ -277,9 +291,8 @@ def margin_softmax_loss(
     """Mean margin-softmax loss over the rows with a target, with fused Triton kernels.
 
     Args:
-        x: ``[N, k]`` embeddings, ``w``: ``[n, k]`` sampled prototypes (not normalised: they
-            are L2-normalised here in fp32 with :func:`~unicom_kernels.ops.normalize_rows`,
-            whose autograd carries the gradients back to their dtypes).
+        x: ``[N, k]`` embeddings, ``w``: ``[n, k]`` sampled prototypes (not normalised: the
+            ops L2-normalise them in fp32; the gradients come back in their dtypes).
         target: ``[N]`` int64 column of each row's label in ``w``, ``-1`` for an ignored row.
         scale, margin, margin_type, margin_grad: see :func:`unicom_kernels.margin.target_logit`.
         compute_dtype: GEMM operand dtype (fp32, fp16 or bf16); accumulation is fp32. fp32
@@ -293,8 +306,7 @@ def margin_softmax_loss(
             or the shapes do not match.
     """
     _check(x, w, target, compute_dtype)
-    xn, wn = normalize_rows(x, compute_dtype), normalize_rows(w, compute_dtype)
-    loss, _lse, _tcoef = _loss_op(xn, wn, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
+    loss, _lse, _tcoef = _loss_op(x, w, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
     return loss
 
 
@@ -309,7 +321,7 @@ def lse_and_target(
     margin_grad: str,
     compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row log-sum-exp over the columns of ``wn`` and the margined target logit, fused.
+    """Per-row log-sum-exp over the columns of ``w`` and the margined target logit, fused.
 
     Args: as :func:`margin_softmax_loss`; ``target`` is ``-1`` where the row is ignored or
     its class is not among these columns (held by another rank).
@@ -319,6 +331,5 @@ def lse_and_target(
         ``target`` is ``-1`` (and ``lse`` then covers all columns, with no margin).
     """
     _check(x, w, target, compute_dtype)
-    xn, wn = normalize_rows(x, compute_dtype), normalize_rows(w, compute_dtype)
-    lse, z_t, _dz_dc = _stats_op(xn, wn, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
+    lse, z_t, _dz_dc = _stats_op(x, w, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
     return lse, z_t
