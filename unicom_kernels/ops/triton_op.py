@@ -43,17 +43,23 @@ import torch
 from torch import Tensor
 
 from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_logit
-from . import once_differentiable, unit_rows, unit_rows_grad_
+from . import EPS, once_differentiable, unit_rows_grad_
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
 
 
-def _units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(u, inv_norm, projects)``: fp32 unit rows ``v / max(|v|, EPS)`` of the raw ``v``, and what
-    :func:`~unicom_kernels.ops.unit_rows_grad_` needs to carry a gradient back through them."""
-    v, inv_norm, projects = unit_rows(v, torch.float32)
-    return v * inv_norm.unsqueeze(1), inv_norm, projects
+def _units(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(u, norm)``: fp32 unit rows ``u = v / max(|v|, EPS)`` of the raw ``v`` (as ``F.normalize``,
+    three passes) and ``[rows]`` ``max(|v|, EPS)``, which the backward's Jacobian divides by."""
+    v = v.detach().float()
+    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(EPS)
+    return v / norm, norm.squeeze(1)
+
+
+def _through_normalisation(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    """``dL/dv`` from ``dL/du`` (overwritten); no projection where the norm is the constant ``EPS``."""
+    return unit_rows_grad_(grad, unit, 1.0 / norm, norm > EPS)
 
 
 def _prepare(
@@ -119,12 +125,12 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor]:
     # The normalisation is part of the op: its Jacobian is applied here analytically (a few
     # passes), not by autograd of F.normalize (a dozen launches and temporaries per operand).
-    (ux, *x_norm), (uw, *w_norm) = _units(x), _units(w)
+    (ux, x_norm), (uw, w_norm) = _units(x), _units(w)
     xc, wc = _prepare(ux, uw, compute_dtype, _backward_storage(compute_dtype))
     grad_x, grad_w = margin_softmax_backward(xc, wc, target, lse, rowscale, tcoef, gscale, scale)
     k = x.shape[1]
-    grad_x = unit_rows_grad_(grad_x[:, :k], ux, *x_norm)
-    grad_w = unit_rows_grad_(grad_w[:, :k], uw, *w_norm)
+    grad_x = _through_normalisation(grad_x[:, :k], ux, x_norm)
+    grad_w = _through_normalisation(grad_w[:, :k], uw, w_norm)
     return grad_x.to(x.dtype).contiguous(), grad_w.to(w.dtype).contiguous()
 
 
