@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 
 def gemm_flops(N: int, n: int, k: int, mode: str) -> float:
-    """GEMM FLOPs counted per call, as DESIGN.md section 4 counts them.
+    """GEMM FLOPs counted per call, as docs/design.md, section 4.2 counts them.
 
     One pass is ``2 N n k``; the forward is 1 pass, forward + backward 4 (the forward, its
     recompute and the two gradient GEMMs), whatever a contestant actually does.

@@ -138,7 +138,7 @@ def metadata(device: str, argv: list[str], preset: str | None) -> dict:
         "git_commit": git_commit(),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_loss", *argv]),
         "preset": preset,
-        "flops_convention": "1 GEMM pass (2 N n k) for fwd, 4 for fwd+bwd (DESIGN.md section 4)",
+        "flops_convention": "1 GEMM pass (2 N n k) for fwd, 4 for fwd+bwd (docs/design.md, section 4.2)",
         "memory_convention": (
             "CUDA allocator peak minus allocated before the call"
             if device == "cuda"

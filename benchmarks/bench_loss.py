@@ -6,7 +6,7 @@ the reference on the same inputs before timing it, and writes
 
     python -m benchmarks.bench_loss --preset quick     # CPU, small shapes, ~1-2 minutes
     python -m benchmarks.bench_loss --preset cpu       # CPU, N=1024, D=512, n_sampled up to 50k
-    python -m benchmarks.bench_loss --preset gpu       # CUDA: shape A of DESIGN.md section 4 + sweeps
+    python -m benchmarks.bench_loss --preset gpu       # CUDA: shape A (docs/design.md, section 4.1) + sweeps
     python -m benchmarks.bench_loss --N 512 --n 1000,4000 --D 256 --dim-ratio 0.5 \\
         --dtype fp32,bf16 --contestants torch,reference,pml --margin-type cosface --margin 0.35
 

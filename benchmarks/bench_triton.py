@@ -3,9 +3,9 @@
 For each shape (N rows, n sampled classes, D dims, dim ratio -> k = round(ratio * D)) and each
 backend (triton, torch, reference), it measures the forward alone and forward + backward
 with ``triton.testing.do_bench`` (CUDA events, median), the peak extra memory of one
-forward + backward, and derived numbers: TFLOP/s with the DESIGN.md section 4 convention
+forward + backward, and derived numbers: TFLOP/s with the convention of docs/design.md, section 4.2
 (forward = one GEMM pass, 2*N*n*k FLOP; forward + backward = four passes), percent of a
-dense bf16 peak (``--peak-tflops``; 790 was measured on this workplace's H200), and the
+dense bf16 peak (``--peak-tflops``, default 790), and the
 speed-up over the reference. The backends receive fp32 inputs and do the GEMMs in bf16
 (``compute_dtype``), like shape A (s = 64, arcface m = 0.5).
 
@@ -177,7 +177,7 @@ def main() -> int:
             f" {r['fwd_tflops']:<7.0f} {r['fwd_bwd_tflops']:<6.0f} {r['fwd_bwd_pct_peak']:<7.1f}"
             f" {r['peak_mib']:<8.1f} {r.get('speedup_vs_ref', float('nan')):.1f}"
         )
-    print("targets (DESIGN 4, shape A, H100/H200): triton fwd <= 85 us, fwd+bwd <= 350 us, >= 10x the reference")
+    print("targets (docs/design.md 4.3, shape A, H100/H200): triton fwd <= 85 us, fwd+bwd <= 350 us, >= 10x reference")
     return 0
 
 

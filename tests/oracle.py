@@ -1,4 +1,4 @@
-"""Independent float64 oracle for the dual partial margin loss (DESIGN.md section 2).
+"""Independent float64 oracle for the dual partial margin loss (docs/design.md, section 2).
 
 Single process (world size 1). Written directly from the formulas; it shares no code with
 ``unicom_kernels``. The forward is computed literally (``acos``/``cos`` for ArcFace).

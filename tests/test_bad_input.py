@@ -1,4 +1,4 @@
-"""Bad input gets a clear exception naming the argument, before any computation (DESIGN.md section 6)."""
+"""Bad input gets a clear exception naming the argument, before any computation (docs/design.md, section 6)."""
 
 import math
 

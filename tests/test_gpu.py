@@ -2,7 +2,7 @@
 
 Run by ``benchmarks/gpu_check.sh`` with ``TRITON_INTERPRET=0`` (the test conftest would
 otherwise select the interpreter). The float64 reference (``tests/triton_oracle.py``) is computed on
-the GPU from the contract in DESIGN.md section 2: operands rounded to the compute dtype, then float64.
+the GPU from the contract in docs/design.md, section 2: operands rounded to the compute dtype, then float64.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Class and dimension sampling (DESIGN.md section 2.3-2.4)."""
+"""Class and dimension sampling (docs/design.md, sections 2.3-2.4)."""
 
 import pytest
 import torch

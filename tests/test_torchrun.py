@@ -1,4 +1,4 @@
-"""The README's torchrun launch line works (2 CPU processes, gloo)."""
+"""The torchrun launch line of docs/user-guide.md works (2 CPU processes, gloo)."""
 
 import subprocess
 import sys

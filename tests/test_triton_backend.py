@@ -1,6 +1,6 @@
 """The ``triton`` backend against a float64 oracle, on the CPU through ``TRITON_INTERPRET=1``.
 
-The oracle (``tests/triton_oracle.py``) is written from DESIGN.md section 2 and shares no
+The oracle (``tests/triton_oracle.py``) is written from docs/design.md, section 2 and shares no
 code with the library.
 
 Tiles are shrunk to 16/32 (``override_configs``) so that small problems still cover many

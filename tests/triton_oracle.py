@@ -1,6 +1,6 @@
 """A float64 oracle of the backend contract for the Triton tests (CPU interpreter and GPU).
 
-Written from DESIGN.md section 2 and sharing no code with the library. Like a backend, it
+Written from docs/design.md, section 2 and sharing no code with the library. Like a backend, it
 takes unnormalised rows: each is L2-normalised, normalised in fp32 and rounded to the
 compute dtype exactly as the backend's operands are (so fp16/bf16 comparisons can be
 tight), and carries the normalisation's exact float64 Jacobian back to its leaf. Then

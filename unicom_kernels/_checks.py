@@ -1,4 +1,4 @@
-"""Argument validation (DESIGN.md section 6).
+"""Argument validation (docs/design.md, section 6).
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
 (wrong shape, device or value) naming the argument, before any computation.

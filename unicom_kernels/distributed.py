@@ -1,4 +1,4 @@
-"""Model parallelism across ranks (DESIGN.md section 2.1-2.8).
+"""Model parallelism across ranks (docs/design.md, sections 2.1-2.8).
 
 Classes are block-sharded: rank ``r`` owns ``[start_r, stop_r)`` (:func:`class_range`).
 Per step the loss makes these collectives:
@@ -134,9 +134,7 @@ def _differences(group: dist.ProcessGroup, settings: dict) -> str:
     return "; ".join(f"{k}: " + ", ".join(f"{s.get(k)!r} on rank {r}" for r, s in enumerate(gathered)) for k in names)
 
 
-def check_agreement(
-    table: list[list[int]], num_classes: int | None, settings: dict, group: dist.ProcessGroup
-) -> int:
+def check_agreement(table: list[list[int]], num_classes: int | None, settings: dict, group: dist.ProcessGroup) -> int:
     """Check the gathered ``table``: equal batch sizes, dims and ``settings`` (compared by
     digest; when they differ, every rank gathers them to name what differs), block-sharded
     prototypes, labels in range, finite embeddings. Returns the total class count.

@@ -1,6 +1,6 @@
 """The public loss: functional :func:`dual_partial_margin_loss` and module :class:`DualPartialMarginLoss`.
 
-Both do the same three things (DESIGN.md section 2): validate, pick the classes and
+Both do the same three things (docs/design.md, section 2): validate, pick the classes and
 dimensions of this step, then gather + normalise and hand the compact problem to a
 backend from :mod:`unicom_kernels.ops`. Autograd scatters the gradients of the
 gathered rows and columns back into the full prototype matrix. With a process group

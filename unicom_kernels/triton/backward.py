@@ -4,8 +4,8 @@ Per chunk of classes ``[col0, col0 + chunk)``, three launches in a fixed order:
 :func:`.softmax_grad.softmax_grad_chunk` (recompute the logits, write ``Gs``),
 :func:`.grad_gemm.grad_x_chunk` (accumulate ``Gs @ W`` into ``grad_x``) and
 :func:`.grad_gemm.grad_w_chunk` (``Gs^T @ X`` into the chunk's own rows of ``grad_w``).
-The total is one GEMM pass to recompute plus the two gradient GEMMs, as in DESIGN.md
-section 4 (four passes with the forward).
+The total is one GEMM pass to recompute plus the two gradient GEMMs, as counted in
+docs/design.md, section 4.2 (four passes with the forward).
 
 Workspace (the only buffer that grows with ``n``): ``G`` of ``N x chunk`` elements in the
 operand dtype of the backward (fp16 for bf16/fp16 problems, fp32 for fp32), with ``chunk``

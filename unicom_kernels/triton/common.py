@@ -26,7 +26,7 @@ UPCAST = INTERPRETING
 def dot_precision(compute_dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` (matters for fp32 operands only).
 
-    fp32 x fp32 follows torch's matmul precision setting (DESIGN.md section 2.9):
+    fp32 x fp32 follows torch's matmul precision setting (docs/design.md, section 2.9):
     ``torch.set_float32_matmul_precision("highest")`` (torch's default) gives exact
     ``"ieee"`` products; ``"high"``/``"medium"`` allow ``"tf32"``, like cuBLAS would.
     """

@@ -16,7 +16,7 @@ and stores it in the compute dtype into the workspace ``G[:, j - col0]``. Bounde
 it fits fp16 as well as bf16 for every ``s <= 128``. The target entry, whose exact-arcface
 derivative is unbounded near ``|c| = 1``, and the factor ``A`` are applied later in fp32
 (see :mod:`.grad_gemm`). Storing softmax probabilities rather than logits keeps the
-DESIGN.md rule "never store ``s*cos`` in bf16".
+rule "never store ``s*cos`` in bf16" (docs/design.md, sections 2.9 and 3.3).
 """
 
 from __future__ import annotations
