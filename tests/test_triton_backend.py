@@ -10,6 +10,8 @@ every dimension.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -430,3 +432,28 @@ def test_operands_beyond_int32_offsets_are_refused():
     x = torch.empty(8, 512, device="meta")
     with pytest.raises(ValueError, match="2\\^31"):
         triton_op._check(x, w, torch.empty(8, dtype=torch.int64, device="meta"), torch.bfloat16)
+
+
+def test_workspace_grows_with_the_rows_on_a_gpu():
+    """With many rows the GPU configs let the workspace reach the size of grad_x: few chunks."""
+    from unicom_kernels.triton.backward import chunk_columns, workspace_budget
+    from unicom_kernels.triton.configs import GPU_CONFIGS
+
+    def chunks(N, n, k):
+        block_n = GPU_CONFIGS.grad_logits.block_n
+        return -(-n // chunk_columns(N, n, 2, block_n, workspace_budget(N, k, GPU_CONFIGS)))
+
+    assert chunks(4096, 12_500, 512) == 4  # shape A: the fixed 32 MiB cap decides
+    assert chunks(65_536, 12_500, 512) <= 13  # a fixed cap would give 49
+    assert workspace_budget(65_536, 512, replace(GPU_CONFIGS, workspace_follows_grad_x=False)) == 32 << 20
+
+
+def test_grown_workspace_gives_the_same_result():
+    x, w, target = _inputs(40, 300, 24, seed=21, ignored=0.1)
+    kw = _kw(torch.float32)
+    with override_configs(block=16, workspace_bytes=40 * 16 * 4, workspace_follows_grad_x=False):
+        small = _run(x, w, target, **kw)  # one 16-class chunk at a time
+    with override_configs(block=16, workspace_bytes=40 * 16 * 4, workspace_follows_grad_x=True):
+        grown = _run(x, w, target, **kw)  # 40 x 32 x 4 bytes: 32-class chunks
+    for a, b in zip(small, grown, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -31,7 +31,8 @@ bf16-rounded values in fp16 (see :func:`_backward_storage`).
 
 Memory beyond inputs and gradients: the compute-dtype copies of ``x``/``w``; forward
 ``8 * S * N`` bytes of LSE partials (:mod:`unicom_kernels.triton.lse_forward`); backward
-``N * chunk * itemsize`` bytes of workspace (``<= Configs.workspace_bytes``, 32 MiB; see
+``N * chunk * itemsize`` bytes of workspace (32 MiB, or the size of the fp32 ``grad_x`` when
+larger; see
 :mod:`unicom_kernels.triton.backward`) plus ``O(N + n)`` index vectors. Nothing of size
 ``N * n`` in fp32. No host synchronisation: every data-dependent quantity (counts, sort
 order, scales) stays on the device, and Python control flow depends on shapes only.

@@ -11,7 +11,8 @@ Workspace (the only buffer that grows with ``n``): ``G`` of ``N x chunk`` elemen
 operand dtype of the backward (fp16 for bf16/fp16 problems, fp32 for fp32), with ``chunk``
 a multiple of ``grad_logits.block_n`` such that
 
-    N * chunk * itemsize <= Configs.workspace_bytes   (32 MiB by default; at least one tile),
+    N * chunk * itemsize <= max(Configs.workspace_bytes, N * k * 4)
+                              (32 MiB by default, or the size of grad_x; at least one tile),
 
 balanced over ``cdiv(n, chunk)`` chunks. For shape A (N = 4096, n = 12,500, 2 bytes) that
 is 4 chunks of 3200 classes: 26.2 MB. Besides it: the fp32 gradients themselves
@@ -26,9 +27,15 @@ import triton
 from torch import Tensor
 
 from .common import dot_precision
-from .configs import get_configs
+from .configs import Configs, get_configs
 from .grad_gemm import grad_w_chunk, grad_x_chunk
 from .softmax_grad import softmax_grad_chunk
+
+
+def workspace_budget(N: int, K: int, cfg: Configs) -> int:
+    """Bytes the backward's workspace may take: ``cfg.workspace_bytes``, or the size of the fp32
+    ``grad_x [N, K]`` when larger and ``cfg.workspace_follows_grad_x``."""
+    return max(cfg.workspace_bytes, N * K * 4) if cfg.workspace_follows_grad_x else cfg.workspace_bytes
 
 
 def chunk_columns(N: int, n: int, itemsize: int, block_n: int, workspace_bytes: int) -> int:
@@ -84,7 +91,7 @@ def margin_softmax_backward(
     grad_x_tile = cfg.tile("grad_x", precision, fp32)
     grad_w_tile = cfg.tile("grad_w", precision, fp32)
     block_n = grad_logits_tile.block_n
-    chunk_max = chunk_columns(N, n, xc.element_size(), block_n, cfg.workspace_bytes)
+    chunk_max = chunk_columns(N, n, xc.element_size(), block_n, workspace_budget(N, K, cfg))
     chunk_max = min(chunk_max, triton.cdiv(n, block_n) * block_n)
     g = torch.empty((N, chunk_max), dtype=xc.dtype, device=device)
     grad_x = torch.empty((N, K), dtype=torch.float32, device=device)

@@ -58,6 +58,11 @@ class Configs:
             each split writes one (max, sum) partial per row.
         workspace_bytes: cap on the backward's softmax-gradient workspace
             ``[N, chunk]`` (the class dimension is processed in chunks that fit).
+        workspace_follows_grad_x: raise that cap to the size of the fp32 ``grad_x`` (``N *
+            k * 4`` bytes) when that is larger: with many rows a fixed cap would shrink the
+            chunks and multiply the launches and the ``grad_x`` read-modify-write passes
+            (at N = 65,536, k = 512: 13 chunks instead of 49), for at most the memory of a
+            gradient that exists anyway. Off under the interpreter, whose tests force chunks.
     """
 
     lse: TileConfig = TileConfig(128, 128, 64)
@@ -70,6 +75,7 @@ class Configs:
     flatten_forward: bool = False
     target_programs: int = 1056
     workspace_bytes: int = 32 << 20
+    workspace_follows_grad_x: bool = True
 
     def tile(self, kernel: str, precision: str, fp32_operands: bool) -> TileConfig:
         """The tile of ``kernel`` (``"lse"``, ``"grad_logits"``, ``"grad_x"``, ``"grad_w"``).
@@ -98,6 +104,7 @@ INTERPRETER_CONFIGS = Configs(
     fp32_ieee=_SMALL,
     combine_block=64,
     target_programs=64,
+    workspace_follows_grad_x=False,
 )
 
 _active: Configs | None = None
