@@ -148,10 +148,9 @@ def test_demo_validates_test_classes(tmp_path, values):
         config.make(DemoConfig, {"output_dir": str(tmp_path), **values})
 
 
-def test_demo_plot_is_written_atomically(tmp_path, monkeypatch):
+def test_loss_plot_is_written_atomically(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from unicom import demo
-    from unicom.train import METRIC_FIELDS
+    from unicom.train import METRIC_FIELDS, plot_loss
 
     train_dir = tmp_path / "train"
     train_dir.mkdir()
@@ -162,7 +161,7 @@ def test_demo_plot_is_written_atomically(tmp_path, monkeypatch):
     written = []
     real_write = atomic.write_bytes
     monkeypatch.setattr(atomic, "write_bytes", lambda p, d: written.append(p) or real_write(p, d))
-    demo.plot_loss(train_dir, tmp_path / "loss.png")
+    plot_loss(train_dir, tmp_path / "loss.png")
     assert [os.fspath(p) for p in written] == [os.fspath(tmp_path / "loss.png")]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "train"]

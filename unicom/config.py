@@ -48,6 +48,13 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def default_num_workers() -> int:
+    """DataLoader workers by default: 4, or fewer on a machine (or CPU set) with fewer cores, where more
+    workers than cores only compete (and the DataLoader warns)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
 def _field_help(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
 

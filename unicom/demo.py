@@ -34,9 +34,9 @@ from PIL import Image
 from . import atomic, config
 from .cluster import ClusterConfig
 from .cluster import run as run_cluster
-from .evaluate import EvaluateConfig, evaluate, format_metrics
+from .evaluate import EvaluateConfig, evaluate, format_metrics, markdown_table
 from .features import FeaturesConfig, extract
-from .train import TrainConfig, read_metrics, train
+from .train import TrainConfig, plot_loss, train
 
 TINY_CLIP = {
     "embed_dim": 64,
@@ -132,25 +132,6 @@ def write_digits(root: Path, cfg: DemoConfig) -> tuple[int, int, bool]:
         atomic.write_bytes(path, buffer.getvalue())
     atomic.write_json(done, expected)
     return *counts, True
-
-
-def plot_loss(train_dir: Path, path: Path) -> None:
-    """Save the training-loss curve of ``train_dir/metrics.csv`` as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = read_metrics(train_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(metrics["step"], metrics["loss"])
-    ax.set(xlabel="step", ylabel="loss", title="DualPartialMarginLoss on k-means pseudo-labels (digits)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic.write_bytes(path, buffer.getvalue())
 
 
 def run(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -259,12 +240,9 @@ def _run(cfg: DemoConfig, progress: bool) -> dict:
         )
         say(f"      {name:20s} {format_metrics(metrics)}")
     times["evaluate"] = time.perf_counter() - t
-    plot_loss(out / "train", out / "loss.png")
+    plot_loss(out / "train", out / "loss.png", "DualPartialMarginLoss on k-means pseudo-labels (digits)")
 
-    header = "| model | Recall@1 | Recall@2 | Recall@4 | Recall@8 | mAP@R | mAP@100 |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in list(r)[1:]) + " |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(rows)
     note = (
         f"Held-out: {n_test} images ({split}), leave-one-out retrieval with real labels. "
         f"Training: {n_train} images, {summary['kept_clusters']} k-means pseudo-classes from {what}; "

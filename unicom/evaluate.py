@@ -10,25 +10,27 @@
 - ``features``: a ``unicom-features`` folder, joined to the data by sample id.
 
 Leave-one-out over ``data`` by default; with ``gallery`` set, ``data`` is the query set.
+With ``output`` set, the metrics go there as JSON and, as a markdown table, beside it (``.md``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
+from PIL import Image
 from tqdm import tqdm
 
 from . import atomic, config, dist
 from .data import DataError, ImageDataset, Source, open_source
 from .features import FeatureStore
 from .metrics import retrieval_metrics
-from .model import build_model, eval_transform, load_clip
+from .model import build_model, eval_transform, load_clip, pixel_transform
 
 METHODS = ("checkpoint", "untrained", "pixels", "clip", "features")
 
@@ -54,12 +56,16 @@ class EvaluateConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "K values of Recall@K"})
     knn_k: int = field(default=0, metadata={"help": "also report kNN@k classification accuracy (0 = off)"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(
+        default_factory=config.default_num_workers, metadata={"help": "DataLoader worker processes"}
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     use_gpu: bool = field(default=True, metadata={"help": "faiss search on a GPU when faiss sees one"})
     skip_bad: bool = field(default=False, metadata={"help": "skip (and count) missing/corrupt images"})
     seed: int = field(default=0, metadata={"help": "init seed for method=untrained without checkpoint"})
-    output: str | None = field(default=None, metadata={"help": "write the metrics as JSON here"})
+    output: str | None = field(
+        default=None, metadata={"help": "write the metrics as JSON here, and as a markdown table beside it (.md)"}
+    )
 
     def validate(self) -> None:
         config.required("data", self.data)
@@ -76,6 +82,10 @@ class EvaluateConfig:
         if self.output:
             if Path(self.output).is_dir():
                 raise config.ConfigError(f"'output' must name a file, but {self.output} is a folder")
+            if markdown_path(self.output) == Path(self.output):
+                raise config.ConfigError(
+                    f"'output' is the JSON file and its markdown table goes beside it as .md: {self.output} is both"
+                )
             config.writable_location("output folder", Path(self.output).parent)
 
 
@@ -83,7 +93,7 @@ class EvaluateConfig:
 def embed(
     encode: torch.nn.Module | None,
     source: Source,
-    transform: T.Compose,
+    transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int = 256,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
@@ -125,7 +135,7 @@ def _embed_source(cfg: EvaluateConfig, source: Source, device: torch.device, pro
         feats = store.take(np.array([r for r in rows if r >= 0], dtype=np.int64))
         return feats, source.labels()[keep], int((~keep).sum())
     if cfg.method == "pixels":
-        transform = T.Compose([T.Resize((cfg.pixel_size, cfg.pixel_size)), T.ToTensor()])
+        transform = pixel_transform(cfg.pixel_size)
         return embed(None, source, transform, cfg.batch_size, cfg.num_workers, device, cfg.skip_bad, progress)
     if cfg.method == "clip":
         clip, _, size = load_clip(cfg.clip_model, cfg.pretrained, cfg.model_config, device)
@@ -176,7 +186,32 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     )
     if cfg.output:
         atomic.write_json(cfg.output, result)
+        row = {"method": cfg.method, "protocol": result["protocol"]}
+        row.update({k: v for k, v in result.items() if k.startswith(("recall@", "map@", "knn@"))})
+        row.update({"queries": result["queries"], "skipped": skipped})
+        atomic.write_text(markdown_path(cfg.output), markdown_table([row]) + "\n")
     return result
+
+
+def markdown_path(output: str | Path) -> Path:
+    """The markdown table written beside the JSON file ``output``."""
+    return Path(output).with_suffix(".md")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of equal keys as a markdown table: metric keys get their usual names, floats 3 decimals."""
+    names = {"map@r": "mAP@R", "map@100": "mAP@100"}
+
+    def title(key: str) -> str:
+        kind, at, k = key.partition("@")
+        return names.get(key) or ({"recall": "Recall", "knn": "kNN"}.get(kind, kind) + at + k)
+
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(title(k) for k in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(cell(v) for v in row.values()) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def format_metrics(result: dict) -> str:
@@ -199,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({result['queries_without_relevant']} queries without a relevant item were not scored)", file=sys.stderr
         )
     if cfg.output:
-        print(f"metrics written to {Path(cfg.output)}", file=sys.stderr)
+        print(f"metrics written to {Path(cfg.output)} and {markdown_path(cfg.output)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

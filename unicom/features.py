@@ -1,7 +1,8 @@
 """Step 1: CLIP features of every sample, as ``.npy`` shards plus an id index (resumable by shard).
 
 ``joint`` = L2-normalised mean of the L2-normalised image and text embeddings; ``image`` / ``text``
-use one tower. ``model: pixels`` gives raw-pixel features instead (an honest baseline, no network).
+use one tower; ``auto`` (the default) is ``joint`` when every sample has a caption, else ``image``.
+``model: pixels`` gives raw-pixel features instead (an honest baseline, no network; mode ``image``).
 
 Output folder::
 
@@ -17,7 +18,8 @@ Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes the index
 A rerun with other settings (see ``meta.json``) is refused unless ``--overwrite``, which first
 deletes the old ``index.json``, ``ids.txt`` and shards, then writes the new ``meta.json``: a run
 killed part-way leaves no index (readers refuse the folder) and a rerun with the new settings
-resumes it.
+resumes it. A folder without any shard (a run that failed before its first one) holds nothing
+to protect: a rerun with other settings takes it over.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,10 @@ from tqdm import tqdm
 
 from . import atomic, config, dist
 from .data import DataError, ImageDataset, Source, open_source
-from .model import eval_transform, load_clip
+from .model import eval_transform, load_clip, pixel_transform
 
-MODES = ("joint", "image", "text")
+MODES = ("auto", "joint", "image", "text")
+CAPTION_MODES = ("joint", "text")
 
 
 @dataclass
@@ -51,11 +54,15 @@ class FeaturesConfig:
     model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name, or 'pixels' for raw pixels"})
     pretrained: str | None = field(default=None, metadata={"help": "open_clip tag or local weights file"})
     model_config: str | None = field(default=None, metadata={"help": "JSON of a custom open_clip architecture"})
-    mode: str = field(default="joint", metadata={"help": "joint | image | text"})
+    mode: str = field(
+        default="auto", metadata={"help": "auto (joint with captions, else image) | joint | image | text"}
+    )
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
     shard_size: int = field(default=100_000, metadata={"help": "samples per output shard"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 | float32"})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(
+        default_factory=config.default_num_workers, metadata={"help": "DataLoader worker processes"}
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     pixel_size: int = field(default=16, metadata={"help": "side of the resized image for model=pixels"})
     seed: int = field(default=0, metadata={"help": "torch seed before building the model (random-init towers)"})
@@ -71,8 +78,36 @@ class FeaturesConfig:
         for name in ("batch_size", "shard_size", "pixel_size"):
             config.positive(name, getattr(self, name))
         config.positive("num_workers", self.num_workers, allow_zero=True)
-        if self.model == "pixels" and self.mode != "image":
+        if self.model == "pixels" and self.mode in CAPTION_MODES:
             raise config.ConfigError("model=pixels has no text tower: set mode=image")
+
+
+def resolve_mode(cfg: FeaturesConfig, source: Source, quiet: bool = False) -> str:
+    """The mode to run: ``auto`` resolved from the captions; a caption mode the source cannot feed is an
+    error now, before any model is loaded (a sample without caption would otherwise stop the run later)."""
+    if cfg.model == "pixels":
+        return "image"
+    missing = [r.id for r in source.records if not r.caption]
+    if cfg.mode == "auto":
+        if not missing:
+            return "joint"
+        if not quiet:
+            print(
+                f"features: mode=image: no captions for {len(missing)} of the {len(source)} samples "
+                "(mode=joint needs a caption for every sample)",
+                file=sys.stderr,
+            )
+        return "image"
+    if cfg.mode in CAPTION_MODES and len(missing) == len(source):
+        raise config.ConfigError(
+            f"mode={cfg.mode} needs captions, but {source.description} has none; use --mode image (or auto)"
+        )
+    if cfg.mode in CAPTION_MODES and missing and not cfg.skip_bad:
+        raise config.ConfigError(
+            f"mode={cfg.mode} needs captions, but {len(missing)} of the {len(source)} samples of {source.description} "
+            f"have none (e.g. {missing[0]!r}); --skip-bad skips them, --mode image ignores captions"
+        )
+    return cfg.mode
 
 
 def _fingerprint(cfg: FeaturesConfig, source: Source) -> dict:
@@ -100,10 +135,8 @@ class _Encoder:
     def __init__(self, cfg: FeaturesConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         if cfg.model == "pixels":
-            from torchvision import transforms as T
-
             self.model, self.tokenizer = None, None
-            self.transform = T.Compose([T.Resize((cfg.pixel_size, cfg.pixel_size)), T.ToTensor()])
+            self.transform = pixel_transform(cfg.pixel_size)
         else:
             torch.manual_seed(cfg.seed)  # random-init towers must be identical when a run resumes
             self.model, self.tokenizer, size = load_clip(cfg.model, cfg.pretrained, cfg.model_config, device)
@@ -131,16 +164,11 @@ def shard_paths(output_dir: str | Path, shard: int) -> tuple[Path, Path]:
     return base.with_suffix(".npy"), Path(f"{base}.ids.txt")
 
 
-def _captions(source: Source, indices: list[int], skip_bad: bool) -> tuple[list[int], list[str]]:
-    keep, texts = [], []
-    for i in indices:
-        caption = source.records[i].caption
-        if caption:
-            keep.append(i)
-            texts.append(caption)
-        elif not skip_bad:
-            raise DataError(f"sample {source.records[i].id!r} has no caption (needed for mode joint/text)")
-    return keep, texts
+def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]:
+    """The ``indices`` of samples with a caption, and their captions; :func:`resolve_mode` has made sure
+    that any others are to be skipped."""
+    keep = [i for i in indices if source.records[i].caption]
+    return keep, [source.records[i].caption for i in keep]
 
 
 def _extract_shard(
@@ -160,7 +188,7 @@ def _extract_shard(
             images = images[ok]
             texts = None
             if needs_text:
-                idx_text, texts = _captions(source, idx_ok, cfg.skip_bad)
+                idx_text, texts = _captions(source, idx_ok)
                 if len(idx_text) != len(idx_ok):
                     with_text = set(idx_text)
                     mask = torch.tensor([i in with_text for i in idx_ok], dtype=torch.bool)
@@ -172,7 +200,7 @@ def _extract_shard(
     else:
         for b in range(start, end, cfg.batch_size):
             batch = list(range(b, min(b + cfg.batch_size, end)))
-            idx_ok, texts = _captions(source, batch, cfg.skip_bad)
+            idx_ok, texts = _captions(source, batch)
             if idx_ok:
                 feats.append(encoder(None, texts))
                 kept.extend(idx_ok)
@@ -186,6 +214,7 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
     """Run the features step; returns the index dict (also written to ``index.json``)."""
     info = dist.setup(cfg.device, timeout_hours=24)
     source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
+    cfg = replace(cfg, mode=resolve_mode(cfg, source, quiet or not info.is_main))
     out = Path(cfg.output_dir)
     meta = _fingerprint(cfg, source)
     meta_path = out / "meta.json"
@@ -193,7 +222,7 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
             if old != meta:
-                if not cfg.overwrite:
+                if not cfg.overwrite and any(out.glob("shard_*.npy")):
                     diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
                     raise config.ConfigError(
                         f"{out} holds features made with different settings ({diff}); "

@@ -8,24 +8,26 @@ JSON architecture passed as ``model_config``) or ``timm:<model>`` (e.g. ``timm:v
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import functional as TF
 
 from .config import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 OPEN_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # open_clip ignores an architecture file without them
 
 
@@ -113,6 +115,50 @@ def load_weights(module: nn.Module, weights: Any, path: str | os.PathLike) -> No
     module.load_state_dict(weights)
 
 
+def _offline_variables() -> list[str]:
+    """The variables of :data:`OFFLINE_VARIABLES` that switch the Hugging Face hub off here (empty: online)."""
+    return [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+
+
+def _cached(cfg: dict) -> bool:
+    """True when open_clip finds the weights of a pretrained ``cfg`` in its cache without the network.
+
+    Like open_clip: from the Hugging Face hub when the tag has a hub entry and huggingface_hub is
+    installed (the ``.bin`` or its ``.safetensors`` twin), else from the URL into ``~/.cache/clip``.
+    """
+    if cfg.get("hf_hub") and importlib.util.find_spec("huggingface_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = (filename, os.path.splitext(filename)[0] + ".safetensors", "open_clip_model.safetensors")
+        return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    url = cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.expanduser(f"~/.cache/clip/{os.path.basename(url)}"))
+
+
+def _check_pretrained(name: str, pretrained: str | None) -> None:
+    """Fail at once on an open_clip ``pretrained`` that cannot be loaded: neither a local file nor a tag of
+    ``name``, or a tag whose weights are not cached while offline (the hub would retry for a minute first)."""
+    import open_clip
+
+    if not pretrained or os.path.isfile(pretrained):
+        return
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        raise ModelError(
+            f"pretrained={pretrained!r} is neither a local file nor a tag of open_clip {name} "
+            f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
+        )
+    offline = _offline_variables()
+    if offline and not _cached(cfg):
+        raise ModelError(
+            f"pretrained={pretrained!r} of open_clip {name} needs a download, but {'/'.join(offline)} says this "
+            "machine is offline and the weights are not cached: download them elsewhere and pass the local file "
+            "as pretrained"
+        )
+
+
 def _create_open_clip(name: str, pretrained: str | None, **kwargs: Any) -> nn.Module:
     import open_clip
 
@@ -143,11 +189,7 @@ def load_clip(
     register_open_clip_config(model_config)
     if name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model {name!r}; pass model_config=<json> for a custom architecture")
-    if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(name, pretrained):
-        raise ModelError(
-            f"pretrained={pretrained!r} is neither a local file nor a tag of {name} "
-            f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
-        )
+    _check_pretrained(name, pretrained)
     model = _create_open_clip(name, pretrained, device=device)
     model.eval()
     size = model.visual.image_size
@@ -192,8 +234,7 @@ def build_model(
         register_open_clip_config(model_config)
         if name not in open_clip.list_models():
             raise ModelError(f"unknown open_clip model {name!r} in arch={arch!r}; pass model_config=<json>")
-        if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(name, pretrained):
-            raise ModelError(f"pretrained={pretrained!r} is neither a local file nor a tag of open_clip {name}")
+        _check_pretrained(name, pretrained)
         kwargs = {"force_image_size": image_size} if image_size else {}
         clip = _create_open_clip(name, pretrained, **kwargs)
         visual = clip.visual
@@ -203,11 +244,8 @@ def build_model(
         std = getattr(visual, "image_std", None) or CLIP_STD
         return EmbeddingModel(visual, int(visual.output_dim), embedding_dim, int(size), mean, std)
     if kind == "timm" and name:
-        import timm
-
-        kwargs = {"img_size": image_size} if image_size else {}
         try:
-            backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+            backbone = _create_timm(name, image_size)
         except RuntimeError as exc:
             raise ModelError(f"timm cannot create {name!r}: {exc}") from exc
         if pretrained:
@@ -223,6 +261,20 @@ def build_model(
         mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
         return EmbeddingModel(backbone, int(backbone.num_features), embedding_dim, size, mean, std)
     raise ModelError(f"arch must be 'open_clip:<name>' or 'timm:<name>', got {arch!r}")
+
+
+def _create_timm(name: str, image_size: int | None) -> nn.Module:
+    """A timm backbone without classifier, built for ``image_size`` when its constructor takes ``img_size``
+    (ViTs, whose position embeddings depend on it); other models (CNNs) take any size as it comes."""
+    import timm
+
+    if image_size:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, pretrained=False, num_classes=0)
 
 
 class ImageTransform:
@@ -258,6 +310,8 @@ class ImageTransform:
         return (height - side) // 2, (width - side) // 2, side, side
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        from torchvision.transforms import functional as TF  # imported here: it takes seconds, which --help would pay
+
         bicubic = TF.InterpolationMode.BICUBIC
         if self.train:
             rng = rng or random.Random()
@@ -268,6 +322,13 @@ class ImageTransform:
         else:
             image = TF.center_crop(TF.resize(image, self.size, interpolation=bicubic), [self.size, self.size])
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+def pixel_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> ``[3, size, size]`` float32 raw pixels in [0, 1] (the ``pixels`` baselines)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize((size, size)), T.ToTensor()])
 
 
 def eval_transform(image_size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD) -> ImageTransform:

@@ -8,6 +8,7 @@ Output folder::
 
     config.yaml                  the resolved configuration (reusable with --config)
     metrics.csv                  step, epoch, loss, lr, prototype_lr, grad_norm, images_per_s, skipped
+    loss.png                     loss and lr against step, drawn at the end of each run
     tensorboard/                 the same scalars, when tensorboard is installed
     checkpoints/step_XXXXXXX/    rankRRRRR.pt per rank (model, loss, optimizer, schedule, RNG); atomic
     checkpoints/latest           name of the newest complete checkpoint
@@ -15,7 +16,8 @@ Output folder::
 
 Checkpoints and ``final.pt`` hold a custom architecture's JSON itself, so they load anywhere.
 A folder holding a run is not trained into again unless ``--resume`` continues it or
-``--overwrite`` deletes it first.
+``--overwrite`` deletes it first. Without a progress bar (``--no-progress``: log files, batch jobs)
+a line per metrics row goes to stderr: step/total, loss, lr, images/s and the time left.
 
 ``--resume`` continues from ``checkpoints/latest`` (same world size), or from the newest older
 checkpoint that is intact when that one is unreadable (saying so); on the CPU the result, and
@@ -29,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import io
 import math
 import os
 import re
@@ -82,7 +85,7 @@ LOSS_OPTIONS = {
     "backend": "loss_backend",
 }
 IGNORE_INDEX = -1
-RUN_OUTPUTS = ("final.pt", "checkpoints", "metrics.csv", "tensorboard")  # what a run leaves in output_dir
+RUN_OUTPUTS = ("final.pt", "checkpoints", "metrics.csv", "loss.png", "tensorboard")  # what a run leaves in output_dir
 FINAL_KEYS = ("model", "config", "step", "num_classes")
 RESUME_KEYS = (*FINAL_KEYS, "criterion", "optimizer", "scheduler", "rng", "world_size")
 
@@ -100,7 +103,9 @@ class TrainConfig:
     )
     output_dir: str = field(default="", metadata={"help": "folder for checkpoints, logs and final.pt"})
     skip_bad: bool = field(default=False, metadata={"help": "missing/corrupt images are ignored rows, counted"})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes per rank"})
+    num_workers: int = field(
+        default_factory=config.default_num_workers, metadata={"help": "DataLoader worker processes per rank"}
+    )
     crop_scale: float = field(default=0.6, metadata={"help": "smallest RandomResizedCrop area fraction"})
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips"})
     # model
@@ -146,7 +151,9 @@ class TrainConfig:
     stop_after: int | None = field(
         default=None, metadata={"help": "stop this run after this step (schedule unchanged)"}
     )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(
+        default=True, metadata={"help": "show a progress bar (else a line per metrics row, on stderr)"}
+    )
 
     def validate(self) -> None:
         config.finite(self)
@@ -397,6 +404,31 @@ def read_metrics(output_dir: str | Path) -> dict[str, np.ndarray]:
     return {f: np.array([float(r[f]) for r in rows]) for f in METRIC_FIELDS}
 
 
+def plot_loss(output_dir: str | Path, path: str | Path, title: str = "training loss") -> None:
+    """Save the loss and the learning rate against step of ``output_dir/metrics.csv`` as a PNG (atomically)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend to set or figure to close
+
+    metrics = read_metrics(output_dir)
+    fig = Figure(figsize=(6, 4.5))
+    loss, lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (2, 1)})
+    loss.plot(metrics["step"], metrics["loss"])
+    loss.set(ylabel="loss", title=title)
+    lr.plot(metrics["step"], metrics["lr"])
+    lr.set(xlabel="step", ylabel="lr")
+    for ax in (loss, lr):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def _duration(seconds: float) -> str:
+    """``h:mm:ss``."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -479,6 +511,8 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"], device)
             step = int(state["step"])
+            if info.is_main:
+                print(f"train: resumed at step {step} from {path}", file=sys.stderr)
             if "log" in state:  # absent in checkpoints of older versions
                 losses = list(state["log"]["losses"].to(device).unbind())
                 skipped = int(state["log"]["skipped"])
@@ -507,7 +541,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total, initial=step, desc="train", disable=not (cfg.progress and info.is_main))
     stop = min(total, cfg.stop_after or total)
     seen, window_start = 0, time.perf_counter()
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), step
     last_loss = float("nan")
     net.train()
     loss_fn.train()
@@ -543,6 +577,7 @@ def train(cfg: TrainConfig) -> dict:
                 last_loss = float(torch.stack(losses).float().mean())
                 elapsed = time.perf_counter() - window_start
                 lrs = scheduler.get_last_lr()
+                images_per_s = seen * info.world_size / max(elapsed, 1e-9)
                 log.log(
                     {
                         "step": step,
@@ -551,11 +586,18 @@ def train(cfg: TrainConfig) -> dict:
                         "lr": f"{lrs[0]:.6g}",
                         "prototype_lr": f"{lrs[2]:.6g}",
                         "grad_norm": f"{float(grad_norm):.4f}",
-                        "images_per_s": f"{seen * info.world_size / max(elapsed, 1e-9):.1f}",
+                        "images_per_s": f"{images_per_s:.1f}",
                         "skipped": skipped,
                     }
                 )
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lrs[0]:.2e}")
+                if info.is_main and not cfg.progress:
+                    left = (stop - step) * (time.perf_counter() - started) / (step - first_step)
+                    print(
+                        f"train: step {step}/{total}  loss {last_loss:.4f}  lr {lrs[0]:.3g}  "
+                        f"{images_per_s:.1f} images/s  ETA {_duration(left)}",
+                        file=sys.stderr,
+                    )
                 if closes_window:  # else this run stops here and its checkpoint carries the window on
                     losses, seen, window_start = [], 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == stop:
@@ -588,6 +630,9 @@ def train(cfg: TrainConfig) -> dict:
                 "num_classes": num_classes,
             },
         )
+        print(f"train: wrote {out / 'final.pt'}", file=sys.stderr)
+    if info.is_main and step > first_step:
+        plot_loss(out, out / "loss.png")
     dist.barrier()
     if info.is_main and skipped:
         print(f"train: {skipped} missing/corrupt images were ignored since the start of training", file=sys.stderr)
