@@ -24,12 +24,8 @@ from unicom.model import eval_transform  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (faster on a busy 2-core machine); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """Every test here on one torch thread (the shared ``one_thread`` fixture)."""
 
 
 def png_bytes(value: int, size: int = 8) -> bytes:

@@ -15,7 +15,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("faiss")
 
 from test_adversarial_pipeline import wds_members, write_tar  # noqa: E402
-from test_pipeline_train import dataset, make_cfg, one_thread  # noqa: E402, F401
+from test_pipeline_train import dataset, make_cfg  # noqa: E402, F401
 
 from unicom import atomic, config  # noqa: E402
 from unicom.data import DataError  # noqa: E402

@@ -7,18 +7,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 for _module in ("yaml", "tqdm"):  # the pipeline extra
     pytest.importorskip(_module)
 
 pytest.importorskip("open_clip")
 
+from test_pipeline_train import write_bar_images  # noqa: E402
+
 from unicom import atomic, config, features, model  # noqa: E402
-from unicom.demo import TINY_CLIP, TINY_NAME  # noqa: E402
+from unicom.demo import TINY_NAME  # noqa: E402
 from unicom.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from unicom.features import FeaturesConfig, extract  # noqa: E402
 from unicom.train import TrainConfig, train  # noqa: E402
@@ -27,27 +27,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture()
-def one_thread():
-    """One torch thread (much faster on a busy 2-core machine); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture()
 def folder(tmp_path):
     """8 captionless 8x8 images in 2 class folders + the tiny ViT config."""
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        for i in range(4):
-            image = rng.integers(0, 60, (8, 8), dtype=np.uint8)
-            image[:, 3 * c : 3 * c + 2] = 230
-            path = tmp_path / "imgs" / f"class{c}" / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image, mode="L").save(path)
-    atomic.write_json(tmp_path / f"{TINY_NAME}.json", TINY_CLIP)
-    return tmp_path
+    return write_bar_images(tmp_path, 2, 4, bar=3)
 
 
 def features_cfg(root, **kw):

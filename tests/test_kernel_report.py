@@ -18,17 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 _GEMMS = {"lse_partial", "softmax_grad", "grad_x", "grad_w"}
 
 
+def _compiled_python(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root with the kernels compiled, not interpreted."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[str, list[dict]]:
     out = tmp_path_factory.mktemp("kernel_report") / "rows.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/kernel_report.py", "--model-only", "--k", "256", "--json", str(out)],
-        cwd=ROOT,
-        env=dict(os.environ, TRITON_INTERPRET="0"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _compiled_python("benchmarks/kernel_report.py", "--model-only", "--k", "256", "--json", str(out))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return proc.stdout, [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -83,12 +82,5 @@ sys.exit(1 if missing else 0)
 
 def test_aot_specs_compile_kernels_as_the_launchers_launch_them():
     """The compile report must describe the kernels that run: same warps and stages as the launches."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _SPECS_MATCH],
-        cwd=ROOT,
-        env=dict(os.environ, TRITON_INTERPRET="0"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _compiled_python("-c", _SPECS_MATCH)
     assert proc.returncode == 0, f"launched but never compiled with these options: {proc.stdout}{proc.stderr[-2000:]}"

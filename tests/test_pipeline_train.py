@@ -16,15 +16,14 @@ from unicom.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from unicom.train import TrainConfig, latest_checkpoint, load_trained, read_metrics, train  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """4 classes of 12 noisy 8x8 images (a different bar position per class) + the tiny ViT config."""
-    root = tmp_path_factory.mktemp("train")
+def write_bar_images(root, classes: int, per_class: int, bar: int = 2):
+    """``root/imgs/class<c>/<i>.png``: noisy 8x8 images, a bright bar at a different column per
+    class (no captions), and the tiny ViT config beside them; returns ``root``."""
     rng = np.random.default_rng(0)
-    for c in range(4):
-        for i in range(12):
+    for c in range(classes):
+        for i in range(per_class):
             image = rng.integers(0, 60, (8, 8), dtype=np.uint8)
-            image[:, 2 * c : 2 * c + 2] = 230
+            image[:, bar * c : bar * c + 2] = 230
             path = root / "imgs" / f"class{c}" / f"{i:02d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image, mode="L").save(path)
@@ -32,13 +31,10 @@ def dataset(tmp_path_factory):
     return root
 
 
-@pytest.fixture()
-def one_thread():
-    """One torch thread (much faster on a busy 2-core machine); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """4 classes of 12 images (see :func:`write_bar_images`) + the tiny ViT config."""
+    return write_bar_images(tmp_path_factory.mktemp("train"), 4, 12)
 
 
 def make_cfg(root, out, **kw):
