@@ -278,12 +278,19 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _latest_name(output_dir: str | Path) -> str | None:
+    """The checkpoint folder ``checkpoints/latest`` names (the newest complete one), or None."""
+    pointer = checkpoint_dir(output_dir) / "latest"
+    return pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+
+
 def latest_checkpoint(output_dir: str | Path, rank: int = 0) -> Path | None:
     """This rank's file of the newest complete checkpoint, or None."""
-    pointer = checkpoint_dir(output_dir) / "latest"
-    if not pointer.is_file():
+    name = _latest_name(output_dir)
+    if name is None:
         return None
-    path = checkpoint_dir(output_dir) / pointer.read_text().strip() / f"rank{rank:05d}.pt"
+    pointer = checkpoint_dir(output_dir) / "latest"
+    path = checkpoint_dir(output_dir) / name / f"rank{rank:05d}.pt"
     if not path.is_file():
         raise DataError(f"checkpoint {path} named by {pointer} is missing")
     return path
@@ -296,8 +303,7 @@ def checkpoint_names(output_dir: str | Path) -> list[str]:
     """
     root = checkpoint_dir(output_dir)
     names = sorted((p.name for p in root.glob("step_*") if p.is_dir()), key=lambda n: (len(n), n), reverse=True)
-    pointer = root / "latest"
-    newest = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    newest = _latest_name(output_dir)
     return names[names.index(newest) :] if newest in names else names
 
 
