@@ -133,6 +133,9 @@ def _intercept_launches(rec: Recording) -> Iterator[None]:
     def record(self, *args, grid, warmup, **kwargs):
         bound = dict(zip(self.arg_names, args, strict=False))
         bound.update((k, v) for k, v in kwargs.items() if k in self.arg_names)
+        # Keep shapes and dtypes, not the tensors: a held reference to a gradient would make
+        # autograd copy it into .grad instead of taking it over, a copy a real step never makes.
+        bound = {k: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v for k, v in bound.items()}
         grid = tuple(grid(bound) if callable(grid) else grid)
         rec.launches.append(Launch(rec.phase, self, grid, bound, kwargs.get("num_warps", 4), kwargs.get("num_stages")))
 
@@ -212,6 +215,14 @@ def gemm_flops(launch: Launch) -> int:
 def ideal_bytes(launch: Launch) -> int:
     """Ideal minimum HBM traffic of a launch: every operand element read once, every result written once."""
     a, kernel = launch.args, launch.kernel
+    if kernel == "unit_rows":  # raw rows in, unit rows (padded) and norms out
+        return a["R"] * (a["K"] * _itemsize(launch, "v_ptr") + a["K_OUT"] * _itemsize(launch, "out_ptr") + 4)
+    if kernel == "unit_rows_grad":  # fp32 gradient and raw rows in, raw-dtype gradient out
+        rows = a["R"] * a["K"] * (4 + 2 * _itemsize(launch, "v_ptr")) + 4 * a["R"]
+        if a["SCATTER"]:  # each source row and its sort entries read once
+            sources = a["order_ptr"].shape[0]
+            rows += sources * (a["K"] * _itemsize(launch, "src_ptr") + 20) + 8 * a["R"]
+        return rows
     N = a["N"]
     if kernel == "target_logit":
         return 2 * N * a["K"] * _itemsize(launch, "x_ptr") + 16 * N  # x rows, gathered w rows; target, z_t, dz_dc

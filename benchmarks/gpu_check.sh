@@ -1,45 +1,58 @@
 #!/usr/bin/env bash
-# One command for the GPU machine: GPU tests + kernel report + timings of shape A and a sweep.
+# One command for a short slot on a GPU machine: goals first, then correctness, then reports.
 #
-#   bash benchmarks/gpu_check.sh            (from anywhere; runs from the repository root)
+#   bash benchmarks/gpu_check.sh COMMIT      (from anywhere; runs from the repository root)
 #
+# COMMIT names the code measured (a copy without .git cannot tell); default $COMMIT or "unknown".
 # Needs only a python with torch + triton + pytest and a CUDA device; installs nothing.
 # Logs and CSV go to $OUT when it is set, else to benchmarks/results/gpu_check/.
-# Steps (each bounded by `timeout`, < 8 minutes in all): environment, kernel report (sm_90),
-# pytest -m gpu (correctness at real sizes incl. shape A vs float64, NaN/inf inputs,
-# determinism, no host sync, memory, torch.compile, autocast, a whole training step under
-# set_sync_debug_mode("error") and replayed in a CUDA graph), then benchmarks/bench_triton.py;
-# the timing table prints last.
-set -euo pipefail
+# Fails at once without a visible CUDA device. Steps, each bounded by `timeout` (540 s in all):
+#   1. benchmarks/gpu_goals.py (200 s): shape A at K = 256 and 512, forward and forward+backward,
+#      eager and in a CUDA graph, each checked against float64 before it is timed; one CSV row
+#      per measurement, written at once; transient memory.
+#   2. pytest -m gpu (240 s, without -x: every failure is listed): correctness at real sizes.
+#   3. the row-sparse optimizer step at 1M classes (40 s).
+#   4. the kernel report for sm_90 (60 s).
+# The last lines are one PASS/FAIL per goal (forward <= 85 us, forward+backward <= 350 us,
+# transient memory <= 64 MB at shape A).
+set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
+COMMIT="${1:-${COMMIT:-unknown}}"
 LOGS="${OUT:-benchmarks/results/gpu_check}"
-mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # tests/conftest.py defaults TRITON_INTERPRET to 1 (CPU CI); here the kernels must be compiled.
 export TRITON_INTERPRET=0
 
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_check: no CUDA device is visible; nothing run" >&2
+    exit 2
+fi
+
+mkdir -p "$LOGS"
 status=0
-
-echo "== environment" | tee "$LOGS/env.txt"
 {
+    echo "commit $COMMIT"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-    "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
-    git rev-parse --short HEAD 2>/dev/null || echo "no git commit"
-} 2>&1 | tee -a "$LOGS/env.txt"
+    "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())'
+} 2>&1 | tee "$LOGS/env.txt"
 
-echo "== kernel report (sm_90, 16-bit kernels)"
-timeout 120 "$PY" benchmarks/kernel_report.py --arch 90 --filter 16 --json "$LOGS/kernel_report.jsonl" \
-    2>&1 | tee "$LOGS/kernel_report.txt" || status=1
+echo "== 1. goals at shape A"
+timeout 200 "$PY" benchmarks/gpu_goals.py --csv "$LOGS/goals.csv" --commit "$COMMIT" 2>&1 | tee "$LOGS/goals.log" || status=1
 
-echo "== pytest -m gpu"
-timeout 300 "$PY" -m pytest tests/test_gpu.py -m gpu -q -x -rA -p no:cacheprovider --durations=5 \
+echo "== 2. pytest -m gpu"
+timeout 240 "$PY" -m pytest tests/test_gpu.py tests/test_optim.py -m gpu -q -rA -p no:cacheprovider --durations=5 \
     2>&1 | tee "$LOGS/pytest_gpu.log" || status=1
 
-echo "== timings"
-timeout 240 "$PY" benchmarks/bench_triton.py --csv "$LOGS/bench.csv" 2>&1 | tee "$LOGS/bench.log" || status=1
+echo "== 3. row-sparse optimizer step"
+timeout 40 "$PY" -m benchmarks.bench_optim --device cuda 2>&1 | tee "$LOGS/optim.csv" || status=1
+
+echo "== 4. kernel report (sm_90, 16-bit kernels)"
+timeout 60 "$PY" benchmarks/kernel_report.py --arch 90 --filter 16 --json "$LOGS/kernel_report.jsonl" \
+    2>&1 | tee "$LOGS/kernel_report.txt" || status=1
 
 echo "== gpu_check finished with status $status (logs in $LOGS)"
+grep -E '^(PASS|FAIL) ' "$LOGS/goals.log" || echo "FAIL goals: gpu_goals.py printed no verdict"
 exit "$status"

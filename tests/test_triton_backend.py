@@ -38,6 +38,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # softmax-gradient workspace, stored in fp16 for bf16/fp16 (11 bits of mantissa).
 LOSS_RTOL = 2e-6
 GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+# The per-row statistics keep a bf16 workspace for bf16 (8 bits: rows of very different weight
+# stay out of fp16's subnormals); eager bf16 autograd of the same inputs is 3.0e-3 off.
+STATS_GRAD_RTOL = {**GRAD_RTOL, torch.bfloat16: 4e-3}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -295,7 +298,32 @@ def test_lse_and_target_any_upstream_gradient(margin_type, margin_grad, dtype):
     assert (lse.detach().double() - ref_lse.detach()).abs().max() <= 2e-6 * 64
     assert (z_t.detach().double() - ref_zt.detach()).abs().max() <= 2e-6 * 64
     assert torch.all(z_t[target < 0] == 0)
-    assert _rel(xn.grad, x64.grad) <= GRAD_RTOL[dtype] and _rel(wn.grad, w64.grad) <= GRAD_RTOL[dtype]
+    assert _rel(xn.grad, x64.grad) <= STATS_GRAD_RTOL[dtype] and _rel(wn.grad, w64.grad) <= STATS_GRAD_RTOL[dtype]
+
+
+def test_lse_and_target_rows_of_tiny_weight_keep_their_precision():
+    """Across ranks a row's weight on one shard can be 1e-10 of another's: such rows keep the
+    per-row precision of the eager bf16 backend (an fp16 workspace would hold them as subnormals)."""
+    from unicom_kernels.ops import torch_chunked
+
+    x, w, target = _inputs(6, 70, 32, seed=23)
+    weights = torch.tensor([1.0, 1e-6, 1e-8, 1e-10, 1.0, 1e-9], dtype=F64)
+    kw = _kw(torch.bfloat16, scale=64.0, margin=0.5)
+
+    def row_grads(backend, compute_dtype):
+        dtype = F64 if compute_dtype == F64 else x.dtype
+        xn, wn = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        lse, z_t = backend.lse_and_target(xn, wn, target, **{**kw, "compute_dtype": compute_dtype})
+        ((lse - z_t).double() * weights).sum().backward()
+        return xn.grad.double()
+
+    with override_configs(block=16):
+        fused = row_grads(triton_op, torch.bfloat16)
+    eager = row_grads(torch_chunked, torch.bfloat16)
+    exact = row_grads(torch_chunked, F64)
+    error = (fused - exact).norm(dim=1) / exact.norm(dim=1)
+    eager_error = (eager - exact).norm(dim=1) / exact.norm(dim=1)
+    assert torch.all(error <= 2 * eager_error + 1e-3), (error, eager_error)
 
 
 def test_lse_and_target_sharded_equals_fused():
@@ -378,7 +406,7 @@ def test_opcheck():
         lse = torch.randn(20) + 5.0
         rowscale = torch.rand(20) * 2 - 1
         tcoef = torch.randn(20)
-        bargs = (x, w, target, lse, rowscale, tcoef, torch.tensor(0.25), 32.0, torch.float32)
+        bargs = (x, w, target, lse, rowscale, tcoef, torch.tensor(0.25), 32.0, torch.float32, torch.float32)
         torch.library.opcheck(torch.ops.unicom_kernels.triton_margin_softmax_backward.default, bargs)
 
 

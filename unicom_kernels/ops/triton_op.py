@@ -9,25 +9,27 @@ fake implementation giving its output shapes) and autograd works in eager and co
 code alike:
 
 - ``unicom_kernels::triton_margin_softmax(x, w, target, scale, margin, margin_type,
-  margin_grad, compute_dtype) -> (loss, lse, tcoef)``: the mean loss. ``lse`` and
-  ``tcoef = (p_t - 1) dz_t/dc`` (``[N]`` fp32, 0 for ignored rows) serve the backward; they
-  are non-differentiable and :func:`margin_softmax_loss` returns only ``loss``.
+  margin_grad, compute_dtype) -> (loss, lse, tcoef, count)``: the mean loss. ``lse`` and
+  ``tcoef = (p_t - 1) dz_t/dc`` (``[N]`` fp32, 0 for ignored rows) and ``count`` (0-dim fp32,
+  the rows with a target, at least 1) serve the backward; they are non-differentiable and
+  :func:`margin_softmax_loss` returns only ``loss``.
 - ``unicom_kernels::triton_lse_and_target(...same...) -> (lse, z_t, dz_dc)``: per-row
   log-sum-exp and margined target logit (0 without a target); ``dz_dc`` is for the backward.
 - ``unicom_kernels::triton_margin_softmax_backward(x, w, target, lse, rowscale, tcoef,
-  gscale, scale, compute_dtype) -> (grad_x, grad_w)``: shared by both (see
+  gscale, scale, compute_dtype, storage_dtype) -> (grad_x, grad_w)``: shared by both (see
   :func:`unicom_kernels.triton.margin_softmax_backward` for the arguments).
 
-The ops take the raw rows ``x``, ``w`` and normalise them themselves (fp32 norms; the
-backward applies the normalisation's Jacobian analytically instead of autograd of
-``F.normalize``). The forward casts the unit rows to the compute dtype once (``k`` zero-padded
-to a multiple of 16), computes each row's raw target cosine with a row-wise dot (fp32 products of the
+The ops take the raw rows ``x``, ``w`` and normalise them themselves with
+:mod:`unicom_kernels.triton.unit_rows` (fp32 norms, unit rows written in the compute dtype
+with ``k`` zero-padded to a multiple of 16, one kernel per operand; the backward applies the
+normalisation's Jacobian analytically in one kernel per operand instead of autograd of
+``F.normalize``). The forward computes each row's raw target cosine with a row-wise dot (fp32 products of the
 compute-dtype values: the idea of CCE's ``indexed_dot``) and the formulas of
 :func:`unicom_kernels.margin.target_logit` for ``z_t`` and ``dz/dc`` per row (one small
 kernel, :mod:`unicom_kernels.triton.target_logit`), and hands these to the fused kernels,
-which substitute the target entry. Forward launches: 2 casts + 4 kernels. The backward recasts the
+which substitute the target entry. Forward launches: 2 normalisations + 4 kernels. The backward recasts the
 operands (cheaper than keeping copies alive between the passes); for bf16 it holds the
-bf16-rounded values in fp16 (see :func:`_backward_storage`).
+bf16-rounded values in fp16 for the mean loss (see :func:`_backward_storage`).
 
 Memory beyond inputs and gradients: the compute-dtype copies of ``x``/``w``; forward
 ``8 * S * N`` bytes of LSE partials (:mod:`unicom_kernels.triton.lse_forward`); backward
@@ -44,63 +46,52 @@ import torch
 from torch import Tensor
 
 from ..triton import lse_forward, margin_softmax_backward, mean_loss, target_logit
-from . import EPS, once_differentiable, unit_rows_grad_
+from ..triton.unit_rows import unit_rows
+from . import once_differentiable
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
 
 
-def _units(v: Tensor) -> tuple[Tensor, Tensor]:
-    """``(u, norm)``: fp32 unit rows ``u = v / max(|v|, EPS)`` of the raw ``v`` (as ``F.normalize``,
-    three passes) and ``[rows]`` ``max(|v|, EPS)``, which the backward's Jacobian divides by."""
-    v = v.detach().float()
-    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(EPS)
-    return v / norm, norm.squeeze(1)
-
-
-def _through_normalisation(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
-    """``dL/dv`` from ``dL/du`` (overwritten); no projection where the norm is the constant ``EPS``."""
-    return unit_rows_grad_(grad, unit, 1.0 / norm, norm > EPS)
-
-
-def _prepare(
+def _operands(
     x: Tensor, w: Tensor, compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None
-) -> tuple[Tensor, Tensor]:
-    """Contiguous copies of unit rows rounded to ``compute_dtype`` (held in ``storage_dtype``), ``k``
-    padded to 16.
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``((xc, x_norm), (wc, w_norm))``: unit rows of the raw ``x``, ``w`` rounded to ``compute_dtype``
+    (held in ``storage_dtype``), ``k`` zero-padded to a multiple of 16, and the fp32 row norms
+    ``max(|v|, EPS)`` the backward's Jacobian divides by. One kernel per operand.
 
     Zero columns change no dot product; they give every row a 32-byte aligned stride and the
     kernels a ``k`` divisible by 16, which Triton needs to vectorise the loads and pipeline
     the K loop (it specialises integer arguments on divisibility by 16).
     """
     storage_dtype = storage_dtype or compute_dtype
-    k = x.shape[1]
-    xr, wr = x.to(compute_dtype), w.to(compute_dtype)
-    if k % 16 == 0:
-        return xr.to(storage_dtype).contiguous(), wr.to(storage_dtype).contiguous()
-    k_pad = -(-k // 16) * 16
-    xc = x.new_zeros((x.shape[0], k_pad), dtype=storage_dtype)
-    wc = w.new_zeros((w.shape[0], k_pad), dtype=storage_dtype)
-    xc[:, :k] = xr
-    wc[:, :k] = wr
-    return xc, wc
+    k_pad = -(-x.shape[1] // 16) * 16
+    return (
+        unit_rows(x.detach(), compute_dtype, storage_dtype, k_pad),
+        unit_rows(w.detach(), compute_dtype, storage_dtype, k_pad),
+    )
 
 
-def _backward_storage(compute_dtype: torch.dtype) -> torch.dtype:
-    """Operand dtype of the backward kernels: fp16 for bf16 compute, else the compute dtype.
+def _backward_storage(compute_dtype: torch.dtype, row_weights_vary: bool) -> torch.dtype:
+    """Operand dtype of the backward kernels: fp16 for bf16 compute when every row weighs the
+    same, else the compute dtype.
 
-    The backward multiplies the softmax gradient (stored in the workspace, bounded by ``s``)
-    with the operands. bf16 keeps 8 bits of it, fp16 11. Normalised bf16 operands are
-    exactly representable in fp16 (every component of magnitude >= 2^-14; smaller ones move
-    by < 3e-8, far below fp32 accumulation error), so the bf16 problem runs unchanged on fp16
-    tensor cores, at the same speed, with an 8x finer gradient workspace.
+    The backward multiplies the softmax gradient (stored in the workspace as ``r_i s p_ij``,
+    bounded by ``s``) with the operands. bf16 keeps 8 bits of it, fp16 11. Normalised bf16
+    operands are exactly representable in fp16 (every component of magnitude >= 2^-14;
+    smaller ones move by < 3e-8, far below fp32 accumulation error), so the mean loss, whose
+    row weights ``r_i`` are 0 or 1, runs its bf16 problem on fp16 tensor cores, at the same
+    speed, with an 8x finer gradient workspace. The per-row statistics serve losses whose row
+    weights differ by orders of magnitude (a rank's share ``exp(LSE_local - LSE_global)`` of
+    each row across ranks): there a row weighing 1e-8 of the largest would sink into fp16's
+    subnormals (below 6e-5), so the workspace keeps bf16's range.
     """
-    return torch.float16 if compute_dtype == torch.bfloat16 else compute_dtype
+    return torch.float16 if compute_dtype == torch.bfloat16 and not row_weights_vary else compute_dtype
 
 
 def _forward(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype):
     """Shared forward of the raw ``x``, ``w``: ``(lse, row_loss, tcoef, z_t, dz_dc)``, all ``[N]`` fp32."""
-    xc, wc = _prepare(_units(x)[0], _units(w)[0], compute_dtype)
+    (xc, _), (wc, _) = _operands(x, w, compute_dtype)
     # The formulas of unicom_kernels.margin.target_logit, fused with the target cosine.
     z_t, dz_dc = target_logit(
         xc, wc, target, scale=scale, margin=margin, margin_type=margin_type, margin_grad=margin_grad
@@ -123,31 +114,38 @@ def _backward_op(
     gscale: Tensor,
     scale: float,
     compute_dtype: torch.dtype,
+    storage_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    # The normalisation is part of the op: its Jacobian is applied here analytically (a few
-    # passes), not by autograd of F.normalize (a dozen launches and temporaries per operand).
-    (ux, x_norm), (uw, w_norm) = _units(x), _units(w)
-    xc, wc = _prepare(ux, uw, compute_dtype, _backward_storage(compute_dtype))
-    grad_x, grad_w = margin_softmax_backward(xc, wc, target, lse, rowscale, tcoef, gscale, scale)
-    k = x.shape[1]
-    grad_x = _through_normalisation(grad_x[:, :k], ux, x_norm)
-    grad_w = _through_normalisation(grad_w[:, :k], uw, w_norm)
-    return grad_x.to(x.dtype).contiguous(), grad_w.to(w.dtype).contiguous()
+    # The normalisation is part of the op: its Jacobian is applied here analytically (one
+    # kernel per operand), not by autograd of F.normalize (a dozen launches and temporaries).
+    operands = _operands(x, w, compute_dtype, storage_dtype)
+    return margin_softmax_backward(x.detach(), w.detach(), operands, target, lse, rowscale, tcoef, gscale, scale)
 
 
 @_backward_op.register_fake
-def _backward_fake(x, w, target, lse, rowscale, tcoef, gscale, scale, compute_dtype):
+def _backward_fake(x, w, target, lse, rowscale, tcoef, gscale, scale, compute_dtype, storage_dtype):
     return torch.empty_like(x), torch.empty_like(w)
 
 
-def _grads(ctx, rowscale: Tensor, tcoef: Tensor, gscale: Tensor):
+def _grads(ctx, rowscale: Tensor, tcoef: Tensor, gscale: Tensor, row_weights_vary: bool):
     """The autograd return tuple of both forward ops (8 inputs, only x/w differentiable)."""
     x, w, target, lse = ctx.saved_tensors[:4]
     grad_x = grad_w = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         grad_x, grad_w = once_differentiable(
             "backend='triton'",
-            *_backward_op(x, w, target, lse, rowscale, tcoef, gscale.reshape(()), ctx.scale, ctx.compute_dtype),
+            *_backward_op(
+                x,
+                w,
+                target,
+                lse,
+                rowscale,
+                tcoef,
+                gscale.reshape(()),
+                ctx.scale,
+                ctx.compute_dtype,
+                _backward_storage(ctx.compute_dtype, row_weights_vary),
+            ),
         )
     return (
         grad_x if ctx.needs_input_grad[0] else None,
@@ -174,10 +172,10 @@ def _loss_op(
     margin_type: str,
     margin_grad: str,
     compute_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lse, row_loss, tcoef, _, _ = _forward(x, w, target, scale, margin, margin_type, margin_grad, compute_dtype)
-    loss, _count = mean_loss(row_loss, target)
-    return loss, lse, tcoef
+    loss, count = mean_loss(row_loss, target)
+    return loss, lse, tcoef, count
 
 
 @_loss_op.register_fake
@@ -187,24 +185,25 @@ def _loss_fake(x, w, target, scale, margin, margin_type, margin_grad, compute_dt
         x.new_empty((), dtype=torch.float32),
         x.new_empty((N,), dtype=torch.float32),
         x.new_empty((N,), dtype=torch.float32),
+        x.new_empty((), dtype=torch.float32),
     )
 
 
 def _loss_setup(ctx, inputs, output) -> None:
     x, w, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
-    _loss, lse, tcoef = output
-    ctx.mark_non_differentiable(lse, tcoef)
-    ctx.save_for_backward(x, w, target, lse, tcoef)
+    _loss, lse, tcoef, count = output
+    ctx.mark_non_differentiable(lse, tcoef, count)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the non-differentiable outputs
+    ctx.save_for_backward(x, w, target, lse, tcoef, count)
     ctx.scale = scale
     ctx.compute_dtype = compute_dtype
 
 
-def _loss_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_tcoef):
-    target, tcoef = ctx.saved_tensors[2], ctx.saved_tensors[4]
+def _loss_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_tcoef, _grad_count):
+    target, tcoef, count = ctx.saved_tensors[2], ctx.saved_tensors[4], ctx.saved_tensors[5]
     # dL/dLSE_i = g / count for rows with a target, 0 otherwise: A = g / count, r_i = valid_i.
-    valid = target >= 0
-    gscale = grad_loss.to(torch.float32) / valid.sum().clamp_min(1).to(torch.float32)
-    return _grads(ctx, valid.to(torch.float32), tcoef * gscale, gscale)
+    gscale = grad_loss.to(torch.float32) / count
+    return _grads(ctx, (target >= 0).to(torch.float32), tcoef * gscale, gscale, row_weights_vary=False)
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -238,6 +237,7 @@ def _stats_setup(ctx, inputs, output) -> None:
     x, w, target, scale, _margin, _margin_type, _margin_grad, compute_dtype = inputs
     lse, z_t, dz_dc = output
     ctx.mark_non_differentiable(dz_dc)
+    ctx.set_materialize_grads(False)  # an unused output gets no zero gradient (handled below)
     ctx.save_for_backward(x, w, target, lse, z_t, dz_dc)
     ctx.scale = scale
     ctx.compute_dtype = compute_dtype
@@ -252,7 +252,7 @@ def _stats_backward(ctx, grad_lse: Tensor | None, grad_zt: Tensor | None, _grad_
     tcoef = torch.where(has_target, (grad_lse * torch.exp(z_t - lse) + grad_zt) * dz_dc, 0.0)
     # A = max |a_i| keeps the workspace in [-s, s]; the floor avoids 0/0 when a = 0.
     gscale = grad_lse.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-    return _grads(ctx, grad_lse / gscale, tcoef, gscale)
+    return _grads(ctx, grad_lse / gscale, tcoef, gscale, row_weights_vary=True)
 
 
 _stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
@@ -313,7 +313,9 @@ def margin_softmax_loss(
             or the shapes do not match.
     """
     _check(x, w, target, compute_dtype)
-    loss, _lse, _tcoef = _loss_op(x, w, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype)
+    loss, _lse, _tcoef, _count = _loss_op(
+        x, w, target, float(scale), float(margin), margin_type, margin_grad, compute_dtype
+    )
     return loss
 
 

@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 import triton
 
+from . import unit_rows
 from .configs import GPU_CONFIGS, Configs, TileConfig
 from .grad_gemm import _grad_w_kernel, _grad_x_kernel
 from .lse_forward import SUPPORTS_FLATTEN, _loss_finalize_kernel, _lse_combine_kernel, _lse_partial_kernel
 from .softmax_grad import _softmax_grad_kernel
 from .target_logit import _target_logit_kernel
+from .unit_rows import _unit_rows_grad_kernel, _unit_rows_kernel
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # (operand dtype, tl.dot input precision): what dot_precision() can pick on a GPU.
@@ -158,10 +160,6 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 g_ptr=p,
                 x_ptr=p,
                 out_ptr=f32p,
-                order_ptr=i64p,
-                class_start_ptr=i64p,
-                target_ptr=i64p,
-                tcoef_ptr=f32p,
                 gscale_ptr=f32p,
                 N=i32,
                 K=i32,
@@ -201,6 +199,65 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 4,
                 None,  # as launched: Triton's default stages
             )
+    for raw in (torch.float32, torch.float16, torch.bfloat16):
+        r = str(raw).removeprefix("torch.")
+        for stored, round_bf16 in (
+            (torch.float32, False),
+            (torch.float16, False),
+            (torch.float16, True),
+            (torch.bfloat16, True),
+        ):
+            s = str(stored).removeprefix("torch.")
+            yield Spec(
+                f"unit_rows[{r}->{s},round_bf16={int(round_bf16)}]",
+                _unit_rows_kernel,
+                dict(
+                    v_ptr=_PTR[raw],
+                    out_ptr=_PTR[stored],
+                    norm_ptr=f32p,
+                    R=i32,
+                    K=i32,
+                    K_OUT=i32,
+                    stride_v=i32,
+                    stride_out=i32,
+                    eps="fp32",
+                ),
+                dict(ROUND_BF16=round_bf16, BLOCK_R=unit_rows.BLOCK_R, BLOCK_K=256),
+                4,
+                None,  # as launched: Triton's default stages
+            )
+        for stored in (torch.float32, torch.float16, torch.bfloat16):
+            for scatter in (False, True):
+                yield Spec(
+                    f"unit_rows_grad[{r},src={str(stored).removeprefix('torch.')},scatter={int(scatter)}]",
+                    _unit_rows_grad_kernel,
+                    dict(
+                        grad_ptr=f32p,
+                        v_ptr=_PTR[raw],
+                        norm_ptr=f32p,
+                        out_ptr=_PTR[raw],
+                        order_ptr=i64p,
+                        dest_ptr=i64p,
+                        dest_start_ptr=i64p,
+                        coef_ptr=f32p,
+                        src_ptr=_PTR[stored],
+                        R=i32,
+                        K=i32,
+                        stride_g=i32,
+                        stride_v=i32,
+                        stride_out=i32,
+                        stride_src=i32,
+                        eps="fp32",
+                    ),
+                    dict(
+                        SCATTER=scatter,
+                        BLOCK_R=unit_rows.BLOCK_R,
+                        BLOCK_K=64 if scatter else 256,
+                        BLOCK_Q=unit_rows.BLOCK_Q,
+                    ),
+                    4,
+                    None,
+                )
     yield Spec(
         "loss_finalize",
         _loss_finalize_kernel,

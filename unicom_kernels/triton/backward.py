@@ -1,9 +1,12 @@
-"""Backward launcher: class chunks of (recompute + softmax gradient, ``G @ W``, ``G^T @ X``).
+"""Backward launcher: class chunks of (recompute + softmax gradient, ``G @ W``, ``G^T @ X``), then
+the normalisation's backward.
 
 Per chunk of classes ``[col0, col0 + chunk)``, three launches in a fixed order:
 :func:`.softmax_grad.softmax_grad_chunk` (recompute the logits, write ``Gs``),
 :func:`.grad_gemm.grad_x_chunk` (accumulate ``Gs @ W`` into ``grad_x``) and
 :func:`.grad_gemm.grad_w_chunk` (``Gs^T @ X`` into the chunk's own rows of ``grad_w``).
+Then one :func:`.unit_rows.unit_rows_grad` per operand maps the gradients w.r.t. the unit
+rows to the raw rows; the one of ``w`` first adds the target term of each class.
 The total is one GEMM pass to recompute plus the two gradient GEMMs, as counted in
 docs/design.md, section 4.2 (four passes with the forward).
 
@@ -30,6 +33,7 @@ from .common import dot_precision
 from .configs import Configs, get_configs
 from .grad_gemm import grad_w_chunk, grad_x_chunk
 from .softmax_grad import softmax_grad_chunk
+from .unit_rows import Scatter, unit_rows_grad
 
 
 def workspace_budget(N: int, K: int, cfg: Configs) -> int:
@@ -46,8 +50,9 @@ def chunk_columns(N: int, n: int, itemsize: int, block_n: int, workspace_bytes: 
 
 
 def margin_softmax_backward(
-    xc: Tensor,
-    wc: Tensor,
+    x: Tensor,
+    w: Tensor,
+    operands: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
     target: Tensor,
     lse: Tensor,
     rowscale: Tensor,
@@ -55,15 +60,16 @@ def margin_softmax_backward(
     gscale: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. the compute-dtype operands, in fp32, for any loss of ``(LSE_i, z_t_i)``.
+    """Gradients w.r.t. the raw rows ``x``, ``w``, in their dtypes, for any loss of ``(LSE_i, z_t_i)``.
 
     With ``a_i = dL/dLSE_i`` and ``A = max_i |a_i|``: off-target ``dL/dc_ij = a_i s p_ij`` (times
-    the clamp mask), on target ``dL/dc_it = tcoef_i``.
+    the clamp mask), on target ``dL/dc_it = tcoef_i``; then through the normalisation.
 
     Args:
-        xc: ``[N, k]`` embeddings in the compute dtype (contiguous, ``k`` a multiple of 16
-            for speed).
-        wc: ``[n, k]`` prototypes in the compute dtype (contiguous).
+        x: ``[N, k]`` raw embeddings; w: ``[n, k]`` raw prototypes.
+        operands: ``((xc, x_norm), (wc, w_norm))`` of :func:`.unit_rows.unit_rows`: the unit rows in
+            the backward's operand dtype (``[N, k_pad]``, ``[n, k_pad]``, ``k_pad`` a multiple of 16)
+            and the fp32 row norms.
         target: ``[N]`` int64 column of each row's target, ``-1`` for none.
         lse: ``[N]`` fp32 log-sum-exp from the forward.
         rowscale: ``[N]`` fp32 ``a_i / A`` (in ``[-1, 1]``).
@@ -72,9 +78,10 @@ def margin_softmax_backward(
         scale: the logit scale ``s``.
 
     Returns:
-        ``(grad_x [N, k], grad_w [n, k])``, fp32.
+        ``(grad_x [N, k], grad_w [n, k])`` in the dtypes of ``x`` and ``w``.
     """
     cfg = get_configs()
+    (xc, x_norm), (wc, w_norm) = operands
     N, K = xc.shape
     n = wc.shape[0]
     device = xc.device
@@ -114,5 +121,7 @@ def margin_softmax_backward(
             last=index == len(starts) - 1,
             tile=grad_x_tile,
         )
-        grad_w_chunk(g, xc, grad_w, order, class_start, target, tcoef, gscale, col0, chunk, grad_w_tile)
-    return grad_x, grad_w
+        grad_w_chunk(g, xc, grad_w, gscale, col0, chunk, grad_w_tile)
+    # The target term of grad_w, sum_{i : t_i = j} t_i X_i, joins in the normalisation's backward.
+    targets = Scatter(order, sorted_key, class_start, tcoef, xc)
+    return unit_rows_grad(grad_x, x, x_norm), unit_rows_grad(grad_w, w, w_norm, targets)

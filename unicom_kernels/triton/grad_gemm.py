@@ -13,10 +13,11 @@ launches) and each adds its product to the fp32 output in chunk order; the last 
 multiplies by ``A`` and adds the target term ``t_i W_{t_i}`` (a gathered row, fp32).
 
 ``_grad_w_kernel``, grid ``(cdiv(chunk, BLOCK_M), cdiv(k, BLOCK_N))``: a GEMM
-``Gs[:, chunk]^T @ X``; the program owns its prototype rows, so nothing is shared. The
-target term is a scatter (many rows may share a class): it is done without atomics by
-walking the rows of each class in a stable sorted order (``order``, ``class_start`` from
-``torch.sort``/``torch.searchsorted`` on the device) and adding ``t_i X_i`` to the owned row.
+``Gs[:, chunk]^T @ X`` times ``A``; the program owns its prototype rows, so nothing is
+shared. The target term of ``grad_w``, a scatter of rows onto classes, is added once per
+class by the normalisation's backward (:mod:`.unit_rows`), not here: in this kernel it
+would be repeated by every feature-column program of every chunk and, walking rows one at
+a time, would chain dependent loads (a class of 256 rows in the batch cost ~100 us).
 
 Both are deterministic: every output element is reduced in a fixed order by one program.
 
@@ -101,10 +102,6 @@ def _grad_w_kernel(
     g_ptr,  # [N, >= chunk] workspace, compute dtype
     x_ptr,  # [N, K] compute dtype
     out_ptr,  # [n, K] fp32
-    order_ptr,  # [N] int64: valid rows sorted by target (stable), ignored rows last
-    class_start_ptr,  # [n + 1] int64: first position in `order` of each class
-    target_ptr,  # [N] int64
-    tcoef_ptr,  # [N] fp32 t_i
     gscale_ptr,  # [] fp32 A
     N,
     K,
@@ -146,19 +143,6 @@ def _grad_w_kernel(
         x_ptrs += BLOCK_K * stride_x
 
     acc = acc * tl.load(gscale_ptr)
-    # Target term: the rows whose class falls in this program's block, in sorted order.
-    first_cls = col0 + pid_c * BLOCK_M
-    end_cls = col0 + tl.minimum(pid_c * BLOCK_M + BLOCK_M, chunk)
-    q_begin = tl.load(class_start_ptr + first_cls)
-    q_end = tl.load(class_start_ptr + end_cls)
-    block_rows = tl.arange(0, BLOCK_M)
-    for q in range(q_begin, q_end):
-        i = tl.load(order_ptr + q)
-        j = tl.load(target_ptr + i) - first_cls
-        coef = tl.load(tcoef_ptr + i)
-        x_i = tl.load(x_ptr + i * stride_x + offs_d, mask=dim_ok, other=0.0).to(tl.float32)
-        acc += tl.where(block_rows[:, None] == j, coef * x_i[None, :], 0.0)
-
     out_ptrs = out_ptr + (col0 + local_c)[:, None] * stride_out + offs_d[None, :]
     tl.store(out_ptrs, acc, mask=cls_ok[:, None] & dim_ok[None, :])
 
@@ -215,20 +199,15 @@ def grad_w_chunk(
     g: Tensor,
     xc: Tensor,
     out: Tensor,
-    order: Tensor,
-    class_start: Tensor,
-    target: Tensor,
-    tcoef: Tensor,
     gscale: Tensor,
     col0: int,
     chunk: int,
     tile: TileConfig,
 ) -> None:
-    """``out[col0:col0+chunk] = gscale * Gs[:, :chunk]^T @ xc + target scatter``.
+    """``out[col0:col0+chunk] = gscale * Gs[:, :chunk]^T @ xc`` (the target term comes later).
 
     Args:
         g: ``[N, >= chunk]`` workspace; xc: ``[N, k]`` compute dtype; out: ``[n, k]`` fp32.
-        order: ``[N]`` rows sorted by target; class_start: ``[n + 1]`` segment starts in ``order``.
     """
     N, K = xc.shape
     grid = (triton.cdiv(chunk, tile.block_m), triton.cdiv(K, tile.block_n))
@@ -236,10 +215,6 @@ def grad_w_chunk(
         g,
         xc,
         out,
-        order,
-        class_start,
-        target,
-        tcoef,
         gscale,
         N,
         K,
