@@ -62,6 +62,7 @@ class DemoConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     class_sample_rate: float = field(default=0.5, metadata={"help": "share of pseudo-classes sampled per step"})
     dim_sample_rate: float = field(default=0.5, metadata={"help": "share of dims kept per step"})
+    prototype_optimizer: str = field(default="dense", metadata={"help": "dense AdamW | sparse (sampled rows only)"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     crop_scale: float = field(default=0.8, metadata={"help": "smallest random-crop area fraction"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
@@ -75,6 +76,7 @@ class DemoConfig:
         config.writable_location("output_dir", self.output_dir)
         config.choice("split", self.split, ("sample", "class"))
         config.choice("feature_model", self.feature_model, ("pixels", "tiny-clip"))
+        config.choice("prototype_optimizer", self.prototype_optimizer, ("sparse", "dense"))
         for name in ("num_clusters", "embedding_dim", "steps", "batch_size", "lr", "threads"):
             config.positive(name, getattr(self, name))
         if not 0 < self.test_fraction < 1:
@@ -206,6 +208,7 @@ def _run(cfg: DemoConfig, progress: bool) -> dict:
         embedding_dim=cfg.embedding_dim,
         class_sample_rate=cfg.class_sample_rate,
         dim_sample_rate=cfg.dim_sample_rate,
+        prototype_optimizer=cfg.prototype_optimizer,
         batch_size=cfg.batch_size,
         max_steps=cfg.steps,
         lr=cfg.lr,

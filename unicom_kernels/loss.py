@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import _checks, ops
 from . import distributed as _dist
 from .ops import BACKENDS, accumulation_dtype, check_backend, get_backend, mean_loss, normalize_rows
+from .row_grad import RowGrad
 from .sampling import generator_keys, sample_classes, sample_dims, step_keys
 
 # (local labels, -1 outside the block, block start, block size) -> sorted local class indices of the step.
@@ -120,12 +121,21 @@ def _local_labels(labels: Tensor, ignore_index: int, start: int, stop: int) -> T
 
 
 def _gathered(
-    embeddings: Tensor, prototypes: Tensor, class_index: Tensor, dim_index: Tensor | None
+    embeddings: Tensor,
+    prototypes: Tensor,
+    class_index: Tensor,
+    dim_index: Tensor | None,
+    row_grad: RowGrad | None = None,
 ) -> tuple[Tensor, Tensor, torch.dtype]:
-    """The selected ``x [N, k]`` and ``w [n, k]`` (not normalised) and the GEMM dtype."""
+    """The selected ``x [N, k]`` and ``w [n, k]`` (not normalised) and the GEMM dtype; with
+    ``row_grad``, the gradient of the gathered rows goes there instead of ``prototypes.grad``."""
     x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
-    # Sorted distinct indices as many as the rows are all of them: no copy, no scatter back.
-    w = prototypes if class_index.numel() == prototypes.shape[0] else prototypes.index_select(0, class_index)
+    if row_grad is not None and torch.is_grad_enabled() and prototypes.requires_grad:
+        w = row_grad.gather(prototypes, class_index)
+    elif class_index.numel() == prototypes.shape[0]:
+        w = prototypes  # sorted distinct indices as many as the rows are all of them: no copy, no scatter back
+    else:
+        w = prototypes.index_select(0, class_index)
     if dim_index is not None:
         w = w.index_select(1, dim_index)
     return x, w, _compute_dtype(embeddings, prototypes)
@@ -145,8 +155,9 @@ def _single_process_loss(
     class_index: Tensor,
     dim_index: Tensor | None,
     opts: _Options,
+    row_grad: RowGrad | None = None,
 ) -> Tensor:
-    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index)
+    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index, row_grad)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
     backend = get_backend(opts.backend, embeddings.device, compute)
     with _without_autocast(embeddings.device):
@@ -167,6 +178,7 @@ def _sharded_loss(
     check_values: bool,
     generator: object = None,
     step: Tensor | None = None,
+    row_grad: RowGrad | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The loss with classes sharded across ``group``; ``shard`` is this rank's ``[C_r, D]`` block.
 
@@ -224,7 +236,7 @@ def _sharded_loss(
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
     # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
     gathered = _dist.all_gather_rows(embeddings, group, grad_scale=float(world))
-    x, w, compute = _gathered(gathered, shard, class_index, dim_index)
+    x, w, compute = _gathered(gathered, shard, class_index, dim_index, row_grad)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
     backend = get_backend(opts.backend, embeddings.device, compute)
     with _without_autocast(embeddings.device):
@@ -353,7 +365,10 @@ class DualPartialMarginLoss(nn.Module):
     :meth:`logits` defines), identical on every rank. ``last_class_index``
     (sorted global class ids of this rank) and ``last_dim_index`` (sorted dims, ``None``
     when all are kept) show the last selection; ``options`` holds the validated scalar
-    options. See :func:`dual_partial_margin_loss` for their meaning.
+    options. See :func:`dual_partial_margin_loss` for their meaning. ``row_grad`` is ``None``
+    unless a row-sparse optimizer of :mod:`unicom_kernels.optim` owns the prototypes: then
+    backward leaves ``weight.grad`` unset and keeps the ``[n, D]`` gradient of the sampled rows
+    in it (:class:`~unicom_kernels.row_grad.RowGrad`).
     """
 
     def __init__(
@@ -404,6 +419,9 @@ class DualPartialMarginLoss(nn.Module):
             ops.get_backend(backend, self.weight.device)
         self.last_class_index: Tensor | None = None
         self.last_dim_index: Tensor | None = None
+        # Set by a row-sparse optimizer (unicom_kernels.optim): backward then keeps the compact
+        # gradient of the sampled rows there and leaves weight.grad unset.
+        self.row_grad: RowGrad | None = None
 
     @property
     def step(self) -> int:
@@ -436,7 +454,7 @@ class DualPartialMarginLoss(nn.Module):
             local_labels = _local_labels(labels, opts.ignore_index, 0, self.num_classes)
             class_index = self._choose_classes(local_labels, 0, self.num_classes)
             dim_index = self._choose_dims(embeddings.device)
-            loss = _single_process_loss(embeddings, self.weight, labels, class_index, dim_index, opts)
+            loss = _single_process_loss(embeddings, self.weight, labels, class_index, dim_index, opts, self.row_grad)
         else:
 
             def settings() -> dict:
@@ -455,6 +473,7 @@ class DualPartialMarginLoss(nn.Module):
                 settings=settings,
                 check_values=self.check_values,
                 step=self._step,
+                row_grad=self.row_grad,
             )
         self.last_class_index, self.last_dim_index = class_index, dim_index
         if self.training:

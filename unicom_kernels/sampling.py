@@ -83,8 +83,9 @@ def sample_classes(positives: Tensor, keys: Tensor, rate: float) -> Tensor:
         rate: ``class_sample_rate`` in ``(0, 1]``.
 
     Returns:
-        ``[n]`` int64, sorted, ``n = max(distinct positives, int(rate * C), 1)`` (at least one
-        class, so a block without positives still has a log-sum-exp). When ``P <= max(int(rate *
+        ``[n]`` int64, sorted and distinct (the indices of one top-k), ``n = max(distinct
+        positives, int(rate * C), 1)`` (at least one class, so a block without positives still
+        has a log-sum-exp). When ``P <= max(int(rate *
         C), 1)`` (as many sampled classes as rows, or more), ``n`` is known without counting the
         distinct positives: nothing is read back from the device.
     """
