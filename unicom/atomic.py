@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def copy_file(src: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy the file ``src`` to ``path`` atomically, streamed (a file of any size, little memory)."""
+    with open(src, "rb") as source:
+        return _atomic(path, lambda h: shutil.copyfileobj(source, h, 1 << 20))
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

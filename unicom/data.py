@@ -2,7 +2,8 @@
 
 Every source is indexed once, in a fixed order, so that sample ``i`` is the same image on every
 run and every rank: features are resumable by shard, training resumes bitwise, and the ids
-written by :mod:`unicom.features` join pseudo-labels back to images in :mod:`unicom.train`.
+and positions written by :mod:`unicom.features` join pseudo-labels back to images in
+:mod:`unicom.train`. A source that is too large to index streams instead (:mod:`unicom.stream`).
 
 Sources and their sample ids:
 
@@ -77,12 +78,20 @@ class Source:
 
     kind = "source"
 
-    def __init__(self, records: list[Record], description: str, class_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        records: list[Record],
+        description: str,
+        class_names: list[str] | None = None,
+        units: list[tuple[str, int]] | None = None,
+    ) -> None:
         if not records:
             raise DataError(f"no images found in {description}")
         self.records = records
         self.description = description
         self.class_names = class_names
+        # (name, samples) of the parts positions count in: each tar shard, or the whole source.
+        self.units = units or [(description, len(records))]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -235,73 +244,111 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
-def _split_key(name: str) -> tuple[str, str]:
+def split_key(name: str) -> tuple[str, str]:
+    """``(key, extension)`` of a tar member name: ``a/b.seg.png`` -> ``("a/b", "seg.png")``."""
     directory, base = os.path.split(name)
     stem, _, ext = base.partition(".")
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def _member_text(handle: io.BufferedReader, member: tarfile.TarInfo) -> str:
+def _member_bytes(handle: io.BufferedReader, member: tarfile.TarInfo) -> bytes:
     handle.seek(member.offset_data)
-    return handle.read(member.size).decode("utf-8-sig", errors="replace").strip()
+    return handle.read(member.size)
 
 
-def _index_shard(shard: str, skip_bad: bool) -> list[Record]:
-    """The records of one tar shard (see :func:`wds_source`)."""
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    size = os.path.getsize(shard)
+def _is_image(ext: str) -> bool:
+    return "." + ext.split(".")[-1] in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True, slots=True)
+class TarSample:
+    """One image sample of a tar shard: its position among the shard's image samples, key, where its
+    image lies (``offset``, ``size``), the image bytes when asked, caption, label and why it is unusable."""
+
+    position: int
+    key: str
+    offset: int
+    size: int
+    data: bytes | None
+    caption: str | None
+    label: int | None
+    error: str | None
+
+
+def _tar_sample(
+    shard: str, handle: io.BufferedReader, file_size: int, position: int, key: str,
+    members: dict[str, tarfile.TarInfo], skip_bad: bool, read: bool,
+) -> TarSample:  # fmt: skip
+    image_ext = next(e for e in members if _is_image(e))
+    image = members[image_ext]
+    broken = [m.name for m in members.values() if m.offset_data + m.size > file_size]
+    if broken:
+        where = f"webdataset shard {shard} is truncated inside member {broken[0]!r}"
+        if not skip_bad:
+            raise DataError(f"{where} (--skip-bad keeps its intact samples)")
+        error = f"sample {key!r}: {where}"
+        return TarSample(position, key, image.offset_data, image.size, None, None, None, error)
+    texts = {
+        ext: _member_bytes(handle, members[ext]).decode("utf-8-sig", errors="replace").strip()
+        for ext in ("txt", "cls")
+        if ext in members
+    }
+    label, error = None, None
     try:
-        with tarfile.open(shard, "r:") as tar:
+        label = int(texts["cls"]) if texts.get("cls") else None
+    except ValueError:
+        error = f"webdataset shard {shard}, sample {key!r}: .cls must be an integer, got {texts['cls']!r}"
+        if not skip_bad:
+            raise DataError(f"{error} (--skip-bad skips such samples)") from None
+    data = _member_bytes(handle, image) if read else None
+    caption = None if error else texts.get("txt")
+    return TarSample(position, key, image.offset_data, image.size, data, caption, label, error)
+
+
+def iter_tar(shard: str, skip_bad: bool = False, read: bool = False, start: int = 0) -> Iterator[TarSample]:
+    """The image samples of one tar shard in tar order, from position ``start`` on (earlier ones are passed
+    over by their headers); image bytes too with ``read``. Members of a sample share a key and follow
+    each other (the webdataset layout). Holds one sample's headers at a time.
+
+    A truncated shard (or a ``.cls`` that is not an integer) raises :class:`DataError` naming the
+    shard; with ``skip_bad`` the damaged sample comes with its ``error`` and the walk ends there.
+    """
+    file_size = os.path.getsize(shard)
+    key, members, position = None, {}, 0
+    try:
+        with tarfile.open(shard, "r:") as tar, open(shard, "rb") as handle:
             while True:
                 try:
                     member = tar.next()
                 except tarfile.ReadError:  # the previous member's data runs past the end (or a header is damaged)
-                    cut_off = True
-                    break
-                if member is None:
+                    member, cut_off = None, True
+                else:
                     # A whole archive ends with zero blocks; less than one block left = a header cut off.
-                    cut_off = size - tar.offset < tarfile.BLOCKSIZE
-                    break
-                if member.isfile():
-                    key, ext = _split_key(member.name)
-                    groups.setdefault(key, {})[ext] = member
+                    cut_off = member is None and file_size - tar.offset < tarfile.BLOCKSIZE
+                tar.members = []  # tarfile keeps every header it has read; a walk needs none of them
+                name = split_key(member.name) if member is not None and member.isfile() else None
+                if member is None or (name and name[0] != key):
+                    if any(_is_image(e) for e in members):
+                        if position >= start:
+                            yield _tar_sample(shard, handle, file_size, position, key, members, skip_bad, read)
+                        position += 1
+                    if member is None:
+                        break
+                    key, members = name[0], {}
+                if name:
+                    members[name[1]] = member
     except tarfile.TarError as exc:
         raise DataError(f"cannot read webdataset shard {shard}: {exc}") from exc
-    broken = {key: m.name for key, ms in groups.items() for m in ms.values() if m.offset_data + m.size > size}
-    if (cut_off or broken) and not skip_bad:
-        where = f" inside member {next(iter(broken.values()))!r}" if broken else ""
-        raise DataError(f"webdataset shard {shard} is truncated{where} (--skip-bad keeps its intact samples)")
-    records = []
-    with open(shard, "rb") as handle:
-        for key, members in groups.items():
-            image_ext = next((e for e in members if "." + e.split(".")[-1] in IMAGE_EXTENSIONS), None)
-            if image_ext is None:
-                continue
-            texts: dict[str, str] = {}
-            label, error = None, None
-            if key in broken:
-                error = f"sample {key!r}: webdataset shard {shard} is truncated inside member {broken[key]!r}"
-            else:
-                texts = {ext: _member_text(handle, members[ext]) for ext in ("txt", "cls") if ext in members}
-                try:
-                    label = int(texts["cls"]) if texts.get("cls") else None
-                except ValueError:
-                    error = f"webdataset shard {shard}, sample {key!r}: .cls must be an integer, got {texts['cls']!r}"
-                    if not skip_bad:
-                        raise DataError(f"{error} (--skip-bad skips such samples)") from None
-            image = members[image_ext]
-            records.append(
-                Record(
-                    id=key,
-                    label=label,
-                    caption=None if error else texts.get("txt"),
-                    location=shard,
-                    offset=image.offset_data,
-                    size=image.size,
-                    error=error,
-                )
-            )
-    return records
+    if cut_off and not skip_bad:
+        raise DataError(f"webdataset shard {shard} is truncated (--skip-bad keeps its intact samples)")
+
+
+def _index_shard(shard: str, skip_bad: bool) -> list[Record]:
+    """The records of one tar shard (see :func:`wds_source`)."""
+    return [
+        Record(id=t.key, label=t.label, caption=t.caption, location=shard, offset=t.offset, size=t.size, error=t.error)
+        for t in iter_tar(shard, skip_bad)
+    ]
 
 
 def wds_source(spec: str, skip_bad: bool = False) -> Source:
@@ -311,8 +358,26 @@ def wds_source(spec: str, skip_bad: bool = False) -> Source:
     ``skip_bad`` the intact samples are kept and a damaged one is indexed with its ``error``, so
     that loading it fails and :class:`ImageDataset` skips and counts it like any bad image.
     """
-    records = [record for shard in expand_shards(spec) for record in _index_shard(shard, skip_bad)]
-    return Source(records, f"webdataset shards {spec}")
+    shards = [(shard, _index_shard(shard, skip_bad)) for shard in expand_shards(spec)]
+    records = [record for _, part in shards for record in part]
+    return Source(records, f"webdataset shards {spec}", units=[(os.path.basename(s), len(p)) for s, p in shards])
+
+
+def resolve_format(path: str, data_format: str = "auto") -> str:
+    """``folder`` | ``list`` | ``wds``: ``data_format``, or for ``auto`` what ``path`` looks like."""
+    if data_format not in FORMATS:
+        raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    if not path:
+        raise DataError("no data path given")
+    if data_format != "auto":
+        return data_format
+    if os.path.isdir(path):
+        return "wds" if glob.glob(os.path.join(path, "*.tar")) else "folder"
+    if path.endswith(".tar") or "{" in path or any(c in path for c in "*?["):
+        return "wds"
+    if os.path.isfile(path):
+        return "list"
+    raise DataError(f"data path not found: {path}")
 
 
 def open_source(path: str, data_format: str = "auto", root: str | None = None, skip_bad: bool = False) -> Source:
@@ -320,19 +385,7 @@ def open_source(path: str, data_format: str = "auto", root: str | None = None, s
 
     ``skip_bad`` keeps the intact samples of damaged webdataset shards (see :func:`wds_source`).
     """
-    if data_format not in FORMATS:
-        raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
-    if not path:
-        raise DataError("no data path given")
-    if data_format == "auto":
-        if os.path.isdir(path):
-            data_format = "wds" if glob.glob(os.path.join(path, "*.tar")) else "folder"
-        elif path.endswith(".tar") or "{" in path or any(c in path for c in "*?["):
-            data_format = "wds"
-        elif os.path.isfile(path):
-            data_format = "list"
-        else:
-            raise DataError(f"data path not found: {path}")
+    data_format = resolve_format(path, data_format)
     if data_format == "folder":
         return folder_source(path)
     if data_format == "list":
@@ -340,18 +393,18 @@ def open_source(path: str, data_format: str = "auto", root: str | None = None, s
     return wds_source(path, skip_bad)
 
 
-def load_pseudo_labels(cluster_dir: str | os.PathLike) -> dict[str, int]:
-    """``{sample id: label}`` from a :mod:`unicom.cluster` output folder (``ids.txt`` + ``labels.npy``)."""
-    cluster_dir = Path(cluster_dir)
-    ids_path, labels_path = cluster_dir / "ids.txt", cluster_dir / "labels.npy"
-    for p in (ids_path, labels_path):
-        if not p.is_file():
-            raise DataError(f"pseudo-label file not found: {p} (run unicom-cluster first)")
-    ids = ids_path.read_text(encoding="utf-8").splitlines()
-    labels = np.load(labels_path)
-    if len(ids) != len(labels):
-        raise DataError(f"{ids_path} has {len(ids)} ids but {labels_path} has {len(labels)} labels")
-    return dict(zip(ids, labels.tolist(), strict=True))
+def seeded_transform(
+    transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int | None, epoch: int, index: int
+) -> torch.Tensor:
+    """``transform(image)``, its randomness seeded from ``(seed, epoch, index)`` (unseeded when ``seed`` is None)."""
+    if seed is None:
+        return transform(image)
+    sample_seed = (seed * 1_000_003 + epoch) * 1_000_000_007 + index
+    if isinstance(transform, ImageTransform):
+        return transform(image, random.Random(sample_seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed % 2**63)
+        return transform(image)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -385,16 +438,6 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _transform(self, image: Image.Image, index: int) -> torch.Tensor:
-        if self.seed is None:
-            return self.transform(image)
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index
-        if isinstance(self.transform, ImageTransform):
-            return self.transform(image, random.Random(sample_seed))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed % 2**63)
-            return self.transform(image)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
         try:
             image = self.source.load_image(index)
@@ -404,7 +447,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise
             image, ok = Image.new("RGB", (32, 32)), False
         label = int(self.labels[index]) if ok else -1
-        return self._transform(image, index), label, index, ok
+        return seeded_transform(self.transform, image, self.seed, self.epoch, index), label, index, ok
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

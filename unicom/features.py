@@ -9,8 +9,15 @@ Output folder::
     meta.json            what produced the features (checked on resume; mismatch -> error)
     shard_00000.npy      [n_i, D] float16/float32, rows L2-normalised
     shard_00000.ids.txt  the n_i sample ids of those rows (missing/corrupt samples skipped with skip_bad)
+    shard_00000.src.npy  [n_i] int64 source index of those rows
     ...
+    shards.json          the shard table: per input unit (tar shard; a folder or list is one), its
+                         samples and the feature rows it starts at and fills (see unicom.stream)
+    positions.npy        [N] int32 position of every row inside its unit
     ids.txt, index.json  written last: all ids in row order; shard list, dim, counts
+
+Rows follow the source order, so they come unit by unit: the labels k-means writes in row order
+join back to samples by (unit, position), ids stay for looking images up.
 
 A shard is done when its ``.npy`` exists (written atomically after its ids), so a rerun skips it.
 Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes the index.
@@ -38,6 +45,7 @@ from tqdm import tqdm
 from . import atomic, config, dist
 from .data import DataError, ImageDataset, Source, open_source
 from .model import eval_transform, load_clip, pixel_transform
+from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 MODES = ("auto", "joint", "image", "text")
 CAPTION_MODES = ("joint", "text")
@@ -126,6 +134,7 @@ def _fingerprint(cfg: FeaturesConfig, source: Source) -> dict:
     meta = {k: v for k, v in asdict(cfg).items() if k in keep}
     meta["num_samples"] = len(source)
     meta["random_init"] = cfg.model != "pixels" and not cfg.pretrained
+    meta["layout"] = 2  # shard table + source rows; folders of the id-only layout are recomputed
     return meta
 
 
@@ -158,10 +167,22 @@ class _Encoder:
         return F.normalize(torch.stack(parts).mean(0), dim=1).cpu()
 
 
-def shard_paths(output_dir: str | Path, shard: int) -> tuple[Path, Path]:
-    """``(features .npy, ids .txt)`` paths of shard number ``shard``."""
+def shard_paths(output_dir: str | Path, shard: int) -> tuple[Path, Path, Path]:
+    """``(features .npy, ids .txt, source indices .npy)`` paths of shard number ``shard``."""
     base = Path(output_dir) / f"shard_{shard:05d}"
-    return base.with_suffix(".npy"), Path(f"{base}.ids.txt")
+    return base.with_suffix(".npy"), Path(f"{base}.ids.txt"), Path(f"{base}.src.npy")
+
+
+def shard_table(source: Source, rows: np.ndarray) -> tuple[ShardTable, np.ndarray]:
+    """The table of ``source``'s units for feature rows holding the sorted source indices ``rows`` [N] int64,
+    and ``[N]`` int32 positions of the rows inside their units."""
+    names = [name for name, _ in source.units]
+    samples = np.array([n for _, n in source.units], np.int64)
+    bounds = np.concatenate([[0], np.cumsum(samples)])
+    unit = np.searchsorted(bounds, rows, side="right") - 1
+    start = np.searchsorted(unit, np.arange(len(names)))
+    counts = np.bincount(unit, minlength=len(names)).astype(np.int64)
+    return ShardTable(names, samples, start.astype(np.int64), counts), (rows - bounds[unit]).astype(np.int32)
 
 
 def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]:
@@ -173,7 +194,8 @@ def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]
 
 def _extract_shard(
     cfg: FeaturesConfig, source: Source, encoder: _Encoder, start: int, end: int, bar: tqdm
-) -> tuple[np.ndarray, list[str], int]:
+) -> tuple[np.ndarray, list[int]]:
+    """Features ``[n, D]`` of the samples ``[start, end)`` that could be read, and their source indices."""
     needs_image = cfg.mode in ("joint", "image")
     needs_text = cfg.mode in ("joint", "text")
     feats, kept = [], []
@@ -207,7 +229,7 @@ def _extract_shard(
             bar.update(len(batch))
     dim = feats[0].shape[1] if feats else 0
     array = torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)
-    return array.astype(cfg.dtype), [source.records[i].id for i in kept], len(indices) - len(kept)
+    return array.astype(cfg.dtype), kept
 
 
 def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
@@ -229,7 +251,8 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
                         "use another output_dir or --overwrite"
                     )
                 # The index goes first: until the new one is written, no reader takes the folder as complete.
-                for p in [out / "index.json", out / "ids.txt", *out.glob("shard_*")]:
+                for p in [out / "index.json", out / "ids.txt", out / TABLE_FILE, out / POSITIONS_FILE,
+                          *out.glob("shard_*")]:  # fmt: skip
                     p.unlink(missing_ok=True)
         atomic.write_json(meta_path, meta)
     dist.barrier()
@@ -246,24 +269,24 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
             f"{num_shards} shard(s), {sum(shard_paths(out, s)[0].is_file() for s in range(num_shards))} already done",
             file=sys.stderr,
         )
-    skipped = 0
     if todo:
         encoder = _Encoder(cfg, info.device)
         total = sum(min(cfg.shard_size, len(source) - s * cfg.shard_size) for s in todo)
         with tqdm(total=total, desc="features", unit="img", disable=quiet or not info.is_main) as bar:
             for s in todo:
                 start, end = s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(source))
-                array, ids, bad = _extract_shard(cfg, source, encoder, start, end, bar)
-                skipped += bad
-                npy, ids_path = shard_paths(out, s)
-                atomic.write_text(ids_path, "".join(i + "\n" for i in ids))
+                array, kept = _extract_shard(cfg, source, encoder, start, end, bar)
+                npy, ids_path, src_path = shard_paths(out, s)
+                atomic.write_text(ids_path, "".join(source.records[i].id + "\n" for i in kept))
+                atomic.save_npy(src_path, np.array(kept, np.int64))
                 atomic.save_npy(npy, array)
     dist.barrier()
     index: dict = {}
     if info.is_main:
-        shards, all_ids, dim = [], [], 0
+        shards, all_ids, sources, dim = [], [], [], 0
         for s in range(num_shards):
-            npy, ids_path = shard_paths(out, s)
+            npy, ids_path, src_path = shard_paths(out, s)
+            sources.append(np.load(src_path))
             ids = ids_path.read_text(encoding="utf-8").splitlines()
             arr = np.load(npy, mmap_mode="r")
             if arr.shape[0] != len(ids):
@@ -271,6 +294,9 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
             dim = dim or (arr.shape[1] if arr.shape[0] else 0)
             shards.append({"file": npy.name, "ids": ids_path.name, "rows": len(ids)})
             all_ids.extend(ids)
+        table, positions = shard_table(source, np.concatenate(sources))
+        atomic.save_npy(out / POSITIONS_FILE, positions)
+        table.save(out)
         index = {**meta, "dim": int(dim), "rows": len(all_ids), "skipped": len(source) - len(all_ids), "shards": shards}
         atomic.write_text(out / "ids.txt", "".join(i + "\n" for i in all_ids))
         atomic.write_json(out / "index.json", index)

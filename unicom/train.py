@@ -19,11 +19,20 @@ A folder holding a run is not trained into again unless ``--resume`` continues i
 ``--overwrite`` deletes it first. Without a progress bar (``--no-progress``: log files, batch jobs)
 a line per metrics row goes to stderr: step/total, loss, lr, images/s and the time left.
 
-``--resume`` continues from ``checkpoints/latest`` (same world size), or from the newest older
-checkpoint that is intact when that one is unreadable (saying so); on the CPU the result, and
-``metrics.csv``, are bitwise identical to an uninterrupted run's: the sample order and every
-augmentation are derived from ``(seed, epoch, index)`` and the sampler state, schedule, optimizer,
-RNG and the losses not yet logged are restored.
+Data modes (``data_mode``): ``indexed`` reads every sample by its index (folders, list files,
+webdataset shards whose tar headers are indexed at start-up); ``stream`` reads webdataset shards
+as a stream (:class:`unicom.stream.ShardStream`: O(shards) state per rank, shards dealt to
+ranks and data-loader workers, a shuffle buffer); ``auto`` streams webdataset sources of at least
+``STREAM_MIN_SHARDS`` shards. Pseudo-labels join by position: with ``features_dir`` through the
+shard table of those features (any mode), without it one label per sample in source order
+(indexed only). The number of classes is the clusters k-means kept (rows of ``centroids.npy``).
+
+``--resume`` continues from ``checkpoints/latest`` (same world size; a stream also the same
+``num_workers``), or from the newest older checkpoint that is intact when that one is unreadable
+(saying so); on the CPU the result, and ``metrics.csv``, are bitwise identical to an uninterrupted
+run's: the sample order and every augmentation are derived from ``(seed, epoch, index)`` and the
+sampler state (a stream: its shard cursor and buffer, replayed from ``(epoch, batch)``), schedule,
+optimizer, RNG and the losses not yet logged are restored.
 """
 
 from __future__ import annotations
@@ -51,10 +60,12 @@ from tqdm import tqdm
 
 from unicom_kernels import DualPartialMarginLoss, _checks
 from unicom_kernels.ops import BACKENDS
+from unicom_kernels.optim import ChainedOptimizer, SparseRowAdamW
 
 from . import atomic, config, dist
-from .data import DataError, EpochBatchSampler, ImageDataset, load_pseudo_labels, open_source
+from .data import DataError, EpochBatchSampler, ImageDataset, Source, expand_shards, open_source, resolve_format
 from .model import EmbeddingModel, ModelError, build_model, load_file, load_weights, read_model_config, train_transform
+from .stream import PositionLabels, ShardStream
 
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "prototype_lr", "grad_norm", "images_per_s", "skipped")
 RESUME_MAY_CHANGE = {
@@ -71,7 +82,12 @@ RESUME_MAY_CHANGE = {
     "data",
     "data_root",
     "pseudo_labels",
+    "features_dir",
 }
+DATA_MODES = ("auto", "indexed", "stream")
+# auto streams from this many shards on: below it, indexing the headers takes seconds and the
+# epoch permutation mixes every sample, which a handful of shards per worker could not.
+STREAM_MIN_SHARDS = 16
 NO_DECAY_KEYS = ("pos_embed", "positional_embedding", "cls_token", "class_embedding", "dist_token")
 # Argument of DualPartialMarginLoss -> the TrainConfig option that sets it.
 LOSS_OPTIONS = {
@@ -85,6 +101,7 @@ LOSS_OPTIONS = {
     "backend": "loss_backend",
 }
 IGNORE_INDEX = -1
+ADAMW_BETAS = (0.9, 0.999)
 RUN_OUTPUTS = ("final.pt", "checkpoints", "metrics.csv", "loss.png", "tensorboard")  # what a run leaves in output_dir
 FINAL_KEYS = ("model", "config", "step", "num_classes")
 RESUME_KEYS = (*FINAL_KEYS, "criterion", "optimizer", "scheduler", "rng", "world_size")
@@ -100,6 +117,16 @@ class TrainConfig:
     data_root: str | None = field(default=None, metadata={"help": "base folder for relative paths of a list file"})
     pseudo_labels: str | None = field(
         default=None, metadata={"help": "unicom-cluster output folder; None = the data's own labels"}
+    )
+    features_dir: str | None = field(
+        default=None, metadata={"help": "unicom-features folder of the pseudo-labels (its shard table joins them)"}
+    )
+    data_mode: str = field(
+        default="auto", metadata={"help": f"auto (stream wds of >= {STREAM_MIN_SHARDS} shards) | indexed | stream"}
+    )
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "samples in the shuffle buffer of a stream"})
+    num_classes: int | None = field(
+        default=None, metadata={"help": "classes of the data's own labels; None = largest label + 1 (indexed)"}
     )
     output_dir: str = field(default="", metadata={"help": "folder for checkpoints, logs and final.pt"})
     skip_bad: bool = field(default=False, metadata={"help": "missing/corrupt images are ignored rows, counted"})
@@ -134,6 +161,10 @@ class TrainConfig:
     prototype_lr_mult: float = field(default=10.0, metadata={"help": "prototype lr = lr x this"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
     prototype_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the prototypes"})
+    prototype_optimizer: str = field(
+        default="dense",
+        metadata={"help": "dense (AdamW on every prototype) | sparse (lazy AdamW on the sampled prototypes only)"},
+    )
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr / peak lr of the cosine decay"})
     clip_grad_norm: float | None = field(default=5.0, metadata={"help": "max grad norm of the backbone + head"})
@@ -163,6 +194,12 @@ class TrainConfig:
         config.device("device", self.device)
         config.choice("loss_parallel", self.loss_parallel, ("auto", "model", "replicated"))
         config.choice("amp", self.amp, ("auto", "bf16", "none"))
+        config.choice("prototype_optimizer", self.prototype_optimizer, ("dense", "sparse"))
+        config.choice("data_mode", self.data_mode, DATA_MODES)
+        config.positive("shuffle_buffer", self.shuffle_buffer)
+        config.positive("num_classes", self.num_classes)
+        if self.features_dir and not self.pseudo_labels:
+            raise config.ConfigError("'features_dir' joins pseudo-labels to the data: set pseudo_labels too")
         for name in (
             "embedding_dim",
             "batch_size",
@@ -241,6 +278,18 @@ def param_groups(model: nn.Module, criterion: nn.Module, cfg: TrainConfig) -> li
     ]
 
 
+def make_optimizer(model: nn.Module, criterion: nn.Module, cfg: TrainConfig, parallel: str) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; with ``prototype_optimizer=sparse`` the prototypes get
+    ``SparseRowAdamW`` (same lr, betas and decay) in a chain. A replicated loss keeps dense AdamW:
+    DDP averages dense prototype gradients, and each rank samples other rows."""
+    groups = param_groups(model, criterion, cfg)
+    if cfg.prototype_optimizer == "dense" or parallel == "replicated":
+        return torch.optim.AdamW(groups, betas=ADAMW_BETAS)
+    *backbone, prototypes = groups
+    sparse = SparseRowAdamW(criterion, lr=prototypes["lr"], betas=ADAMW_BETAS, weight_decay=prototypes["weight_decay"])
+    return ChainedOptimizer(torch.optim.AdamW(backbone, betas=ADAMW_BETAS), sparse)
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
     if step < warmup:
@@ -249,15 +298,64 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def training_labels(cfg: TrainConfig, ids: list[str], own: np.ndarray) -> np.ndarray:
-    """``[N]`` int64 labels for the source's samples: pseudo-labels joined by id, or the data's own."""
+def cluster_files(cluster_dir: str) -> tuple[Path, int]:
+    """``(labels.npy path, number of classes)`` of a ``unicom-cluster`` output folder; the classes are the
+    rows of ``centroids.npy`` (the kept clusters), read from its header."""
+    paths = [Path(cluster_dir) / name for name in ("labels.npy", "centroids.npy")]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"pseudo-label file not found: {p} (run unicom-cluster first)")
+    return paths[0], int(np.load(paths[1], mmap_mode="r").shape[0])
+
+
+def uses_stream(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` trains on a :class:`ShardStream` (see ``data_mode``)."""
+    if cfg.data_mode == "indexed":
+        return False
+    wds = resolve_format(cfg.data, cfg.data_format) == "wds"
+    if cfg.data_mode == "stream" and not wds:
+        raise config.ConfigError(f"data_mode=stream reads webdataset shards; {cfg.data} is not (use indexed)")
+    return wds and (cfg.data_mode == "stream" or len(expand_shards(cfg.data)) >= STREAM_MIN_SHARDS)
+
+
+def indexed_labels(cfg: TrainConfig, source: Source) -> tuple[np.ndarray, int]:
+    """``[N]`` int64 labels of the source's samples in source order (``-1`` = none), and the classes:
+    pseudo-labels joined by position, or the data's own."""
     if not cfg.pseudo_labels:
-        return own
-    table = load_pseudo_labels(cfg.pseudo_labels)
-    labels = np.array([table.get(i, -1) for i in ids], dtype=np.int64)
-    if (labels >= 0).sum() == 0:
-        raise DataError(f"no sample id of {cfg.data} appears in the pseudo-labels {cfg.pseudo_labels}")
-    return labels
+        own = source.labels()
+        return own, cfg.num_classes or int(own.max()) + 1
+    labels_path, num_classes = cluster_files(cfg.pseudo_labels)
+    if not cfg.features_dir:
+        labels = np.load(labels_path, mmap_mode="r")
+        if len(labels) != len(source):
+            raise config.ConfigError(
+                f"{labels_path} holds {len(labels)} labels for the {len(source)} samples of {source.description}: "
+                "features skipped samples or came from other data; set features_dir to join them by position"
+            )
+        return np.asarray(labels, dtype=np.int64), num_classes
+    join = PositionLabels.open(cfg.features_dir, labels_path)
+    names = [name for name, _ in source.units]
+    # A folder or list file is one unit, whatever its path is called where training runs.
+    units = [0] if len(names) == 1 == len(join.table.names) else join.units_of(names)
+    parts = [join.unit_labels(u) for u in units]
+    for (name, n), part in zip(source.units, parts, strict=True):
+        if len(part) != n:
+            raise DataError(f"{name} holds {n} samples but the shard table of {cfg.features_dir} lists {len(part)}")
+    return np.concatenate(parts).astype(np.int64), num_classes
+
+
+def stream_labels(cfg: TrainConfig) -> tuple[PositionLabels | None, int]:
+    """Pseudo-labels of a stream by position, and the classes (``num_classes`` for the data's own labels)."""
+    if not cfg.pseudo_labels:
+        if not cfg.num_classes:
+            raise config.ConfigError(
+                "a stream of the data's own labels needs num_classes (it reads no label before training)"
+            )
+        return None, cfg.num_classes
+    if not cfg.features_dir:
+        raise config.ConfigError("data_mode=stream joins pseudo-labels through the shard table: set features_dir")
+    labels_path, num_classes = cluster_files(cfg.pseudo_labels)
+    return PositionLabels.open(cfg.features_dir, labels_path), num_classes
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -454,23 +552,36 @@ def train(cfg: TrainConfig) -> dict:
     custom_arch = read_model_config(cfg.model_config) if cfg.model_config else None
     torch.manual_seed(cfg.seed)
 
-    source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
-    labels = training_labels(cfg, source.ids, source.labels())
-    usable = np.flatnonzero(labels >= 0)
-    if len(usable) == 0:
-        raise DataError(f"no labelled samples in {source.description}")
-    num_classes = int(labels.max()) + 1
+    stream = uses_stream(cfg)
+    if stream:
+        join, num_classes = stream_labels(cfg)
+    else:
+        source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
+        labels, num_classes = indexed_labels(cfg, source)
+        usable = np.flatnonzero(labels >= 0)
+        if len(usable) == 0:
+            raise DataError(f"no labelled samples in {source.description}")
 
     model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, custom_arch, cfg.image_size).to(device)
     criterion, parallel = make_criterion(cfg, num_classes, info.world_size, device)
     transform = train_transform(model.image_size, model.mean, model.std, cfg.crop_scale, cfg.hflip)
-    dataset = ImageDataset(source, transform, labels=labels, skip_bad=cfg.skip_bad, seed=cfg.seed)
-    subset = torch.utils.data.Subset(dataset, usable.tolist())
-    per_epoch = EpochBatchSampler.batches_per_epoch(len(usable), cfg.batch_size, info.world_size)
-    if per_epoch == 0:
-        raise config.ConfigError(
-            f"batch_size {cfg.batch_size} x {info.world_size} rank(s) exceeds the {len(usable)} labelled samples"
+    if stream:
+        dataset = ShardStream(
+            expand_shards(cfg.data), transform, cfg.batch_size, cfg.seed, info.rank, info.world_size,
+            cfg.num_workers, join, cfg.shuffle_buffer, cfg.skip_bad,
+        )  # fmt: skip
+        per_epoch, num_samples = dataset.batches_per_epoch(), int(dataset.kept.sum())
+    else:
+        dataset = ImageDataset(source, transform, labels=labels, skip_bad=cfg.skip_bad, seed=cfg.seed)
+        subset = torch.utils.data.Subset(dataset, usable.tolist())
+        per_epoch, num_samples = (
+            EpochBatchSampler.batches_per_epoch(len(usable), cfg.batch_size, info.world_size),
+            len(usable),
         )
+        if per_epoch == 0:
+            raise config.ConfigError(
+                f"batch_size {cfg.batch_size} x {info.world_size} rank(s) exceeds the {len(usable)} labelled samples"
+            )
     total = cfg.max_steps or cfg.epochs * per_epoch
 
     net: nn.Module = model
@@ -480,7 +591,7 @@ def train(cfg: TrainConfig) -> dict:
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if parallel == "replicated":
             loss_fn = nn.parallel.DistributedDataParallel(criterion, device_ids=ids)
-    optimizer = torch.optim.AdamW(param_groups(model, criterion, cfg), betas=(0.9, 0.999))
+    optimizer = make_optimizer(model, criterion, cfg, parallel)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
     )
@@ -511,6 +622,12 @@ def train(cfg: TrainConfig) -> dict:
                 raise config.ConfigError(
                     f"checkpoint {path} was written by {state['world_size']} rank(s); resume with the same number"
                 )
+            workers = state.get("stream_workers")  # the order of a stream depends on its workers per rank
+            if stream and workers is not None and workers != dataset.workers:
+                raise config.ConfigError(
+                    f"checkpoint {path} streams through {workers} data-loader worker(s) per rank; resume with "
+                    f"num_workers={workers if workers > 1 else 0}"
+                )
             load_weights(model, state["model"], path)
             load_weights(criterion, state["criterion"], path)
             optimizer.load_state_dict(state["optimizer"])
@@ -519,6 +636,13 @@ def train(cfg: TrainConfig) -> dict:
             step = int(state["step"])
             if info.is_main:
                 print(f"train: resumed at step {step} from {path}", file=sys.stderr)
+                if stream:
+                    dataset.epoch, dataset.start_batch = divmod(step, per_epoch)
+                    print(
+                        f"train: the stream resumes epoch {dataset.epoch} at batch {dataset.start_batch}; "
+                        f"(shard cursor, sample) per worker of rank 0: {dataset.cursors()}",
+                        file=sys.stderr,
+                    )
             if "log" in state:  # absent in checkpoints of older versions
                 losses = list(state["log"]["losses"].to(device).unbind())
                 skipped = int(state["log"]["skipped"])
@@ -539,7 +663,8 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main:
         weights = cfg.pretrained or "random init"
         print(
-            f"train: {len(usable)} samples, {num_classes} classes ({'pseudo-labels' if cfg.pseudo_labels else 'labels'}"
+            f"train: {num_samples} samples ({'stream' if stream else 'indexed'}), {num_classes} classes "
+            f"({'pseudo-labels' if cfg.pseudo_labels else 'labels'}"
             f"), {cfg.arch} ({weights}) -> {cfg.embedding_dim}-d, {info.world_size} rank(s) on {device}, "
             f"loss {parallel}, {total} steps of {cfg.batch_size}/rank, amp={'bf16' if use_amp else 'off'}",
             file=sys.stderr,
@@ -554,10 +679,13 @@ def train(cfg: TrainConfig) -> dict:
     while step < stop:
         epoch, first = divmod(step, per_epoch)
         dataset.epoch = epoch
-        sampler = EpochBatchSampler(len(usable), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size, first)
-        loader = torch.utils.data.DataLoader(
-            subset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"
-        )
+        if stream:
+            dataset.start_batch = first
+            batching = {"dataset": dataset, "batch_size": cfg.batch_size}
+        else:
+            sampler = EpochBatchSampler(len(usable), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size, first)
+            batching = {"dataset": subset, "batch_sampler": sampler}
+        loader = torch.utils.data.DataLoader(**batching, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         for images, batch_labels, _, ok in loader:
             images = images.to(device, non_blocking=True)
             batch_labels = batch_labels.to(device, non_blocking=True)
@@ -615,6 +743,7 @@ def train(cfg: TrainConfig) -> dict:
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(device),
                     "world_size": info.world_size,
+                    "stream_workers": dataset.workers if stream else None,
                     "num_classes": num_classes,
                     "config": dataclasses.asdict(cfg),
                     "custom_arch": custom_arch,
