@@ -140,6 +140,11 @@ def print_model(m: dict) -> None:
         f"forward+backward {t['step_model_us']:.0f} us (goal {t['goal_step_us']:.0f} us; "
         f"launch cost {t['step_launch_us']:.0f} us of it)"
     )
+    print(
+        f"  K={m['K']} with every GEMM at {t['goal_eff']:.0%} of the peak (modelled): forward "
+        f"{t['forward_model_us_at_goal_eff']:.0f} us, forward+backward {t['step_model_us_at_goal_eff']:.0f} us; "
+        f"the GEMM passes alone at {t['goal_eff']:.0%}, perfect waves, no launch: {t['step_gemm_floor_us']:.0f} us"
+    )
 
 
 def main() -> int:

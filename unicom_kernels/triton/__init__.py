@@ -2,10 +2,11 @@
 
 Kernel families, one per module:
 
-- :mod:`.target_logit`: each row's target cosine and margined target logit.
-- :mod:`.lse_forward`: cosine GEMM + margin substitution + online log-sum-exp (forward).
+- :mod:`.unit_rows`: the operands' row normalisation and its Jacobian (with the target terms).
+- :mod:`.lse_forward`: cosine GEMM + online log-sum-exp; then target logit and combine.
+- :mod:`.target_logit`: per-row target work (margined target logit, rows grouped by class).
 - :mod:`.softmax_grad`: logit recompute + softmax gradient into a bounded workspace.
-- :mod:`.grad_gemm`: the ``G @ W`` and ``G^T @ X`` GEMMs with the fp32 target term.
+- :mod:`.grad_gemm`: the ``G @ W`` and ``G^T @ X`` GEMMs, one launch per chunk.
 
 :mod:`.backward` chains the backward kernels over class chunks; :mod:`.configs` holds the
 block configurations (and :func:`.configs.override_configs` for tests).
@@ -23,18 +24,18 @@ if importlib.util.find_spec("triton") is None:
         name="triton",
     )
 
-from .backward import margin_softmax_backward
+from .backward import RowCoefficients, margin_softmax_backward
 from .configs import Configs, TileConfig, get_configs, override_configs
-from .lse_forward import lse_forward, mean_loss
-from .target_logit import target_logit
+from .lse_forward import ForwardStats, lse_forward, mean_loss
 
 __all__ = [
     "Configs",
+    "ForwardStats",
+    "RowCoefficients",
     "TileConfig",
     "get_configs",
     "lse_forward",
     "margin_softmax_backward",
     "mean_loss",
     "override_configs",
-    "target_logit",
 ]

@@ -34,10 +34,9 @@ import triton
 
 from . import unit_rows
 from .configs import GPU_CONFIGS, Configs, TileConfig
-from .grad_gemm import _grad_w_kernel, _grad_x_kernel
+from .grad_gemm import _grad_gemm_kernel
 from .lse_forward import SUPPORTS_FLATTEN, _loss_finalize_kernel, _lse_combine_kernel, _lse_partial_kernel
 from .softmax_grad import _softmax_grad_kernel
-from .target_logit import _target_logit_kernel
 from .unit_rows import _unit_rows_grad_kernel, _unit_rows_kernel
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -87,7 +86,6 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                     x_ptr=p,
                     w_ptr=p,
                     target_ptr=i64p,
-                    zt_ptr=f32p,
                     max_ptr=f32p,
                     sum_ptr=f32p,
                     N=i32,
@@ -103,90 +101,82 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 t.num_stages,
             )
         t = configs.tile("grad_logits", precision, fp32)
-        yield Spec(
-            f"softmax_grad[{tag}]",
-            _softmax_grad_kernel,
-            dict(
-                x_ptr=p,
-                w_ptr=p,
-                target_ptr=i64p,
-                lse_ptr=f32p,
-                rowscale_ptr=f32p,
-                g_ptr=p,
-                N=i32,
-                n=i32,
-                K=i32,
-                col0=i32,
-                chunk_pad=i32,
-                stride_x=i32,
-                stride_w=i32,
-                stride_g=i32,
-                scale="fp32",
-            ),
-            _tile_constexprs(t, precision),
-            t.num_warps,
-            t.num_stages,
-        )
-        t = configs.tile("grad_x", precision, fp32)
-        for first, last in ((True, True), (True, False), (False, False), (False, True)):
+        for mean in (True, False):
             yield Spec(
-                f"grad_x[{tag},first={int(first)},last={int(last)}]",
-                _grad_x_kernel,
+                f"softmax_grad[{tag},mean={int(mean)}]",
+                _softmax_grad_kernel,
+                dict(
+                    x_ptr=p,
+                    w_ptr=p,
+                    target_ptr=i64p,
+                    lse_ptr=f32p,
+                    rowscale_ptr=f32p,
+                    g_ptr=p,
+                    N=i32,
+                    n=i32,
+                    K=i32,
+                    col0=i32,
+                    chunk_pad=i32,
+                    stride_x=i32,
+                    stride_w=i32,
+                    stride_g=i32,
+                    scale="fp32",
+                ),
+                dict(MEAN=mean, **_tile_constexprs(t, precision)),
+                t.num_warps,
+                t.num_stages,
+            )
+        t = configs.tile("grad_gemm", precision, fp32)
+        for first in (True, False):
+            yield Spec(
+                f"grad_gemm[{tag},first={int(first)}]",
+                _grad_gemm_kernel,
                 dict(
                     g_ptr=p,
+                    x_ptr=p,
                     w_ptr=p,
-                    out_ptr=f32p,
-                    target_ptr=i64p,
-                    tcoef_ptr=f32p,
-                    gscale_ptr=f32p,
+                    grad_x_ptr=f32p,
+                    grad_w_ptr=f32p,
                     N=i32,
                     K=i32,
                     col0=i32,
                     chunk=i32,
                     chunk_pad=i32,
+                    w_programs=i32,
+                    dim_blocks=i32,
                     stride_g=i32,
+                    stride_x=i32,
                     stride_w=i32,
-                    stride_out=i32,
+                    stride_gx=i32,
+                    stride_gw=i32,
                 ),
-                dict(FIRST=first, LAST=last, **_tile_constexprs(t, precision)),
+                dict(FIRST=first, **_tile_constexprs(t, precision)),
                 t.num_warps,
                 t.num_stages,
             )
-        t = configs.tile("grad_w", precision, fp32)
-        yield Spec(
-            f"grad_w[{tag}]",
-            _grad_w_kernel,
-            dict(
-                g_ptr=p,
-                x_ptr=p,
-                out_ptr=f32p,
-                gscale_ptr=f32p,
-                N=i32,
-                K=i32,
-                col0=i32,
-                chunk=i32,
-                chunk_pad=i32,
-                stride_g=i32,
-                stride_x=i32,
-                stride_out=i32,
-            ),
-            _tile_constexprs(t, precision),
-            t.num_warps,
-            t.num_stages,
-        )
-    for dtype, _ in variants[:3]:
+    for dtype, _ in variants[:3]:  # the operand dtypes
+        p = _PTR[dtype]
         for margin_code in (0, 1, 2):
             yield Spec(
-                f"target_logit[{str(dtype).removeprefix('torch.')},margin={margin_code}]",
-                _target_logit_kernel,
+                f"lse_combine[{str(dtype).removeprefix('torch.')},margin={margin_code}]",
+                _lse_combine_kernel,
                 dict(
-                    x_ptr=_PTR[dtype],
-                    w_ptr=_PTR[dtype],
+                    max_ptr=f32p,
+                    sum_ptr=f32p,
+                    x_ptr=p,
+                    w_ptr=p,
                     target_ptr=i64p,
+                    lse_ptr=f32p,
+                    row_loss_ptr=f32p,
+                    tcoef_ptr=f32p,
                     zt_ptr=f32p,
                     dzdc_ptr=f32p,
+                    order_ptr=i64p,
+                    key_ptr=i64p,
                     N=i32,
+                    n=i32,
                     K=i32,
+                    S=i32,
                     stride_x=i32,
                     stride_w=i32,
                     scale="fp32",
@@ -195,11 +185,17 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                     sin_m="fp32",
                     sin_floor="fp32",
                 ),
-                dict(MARGIN=margin_code, EXACT=True, BLOCK_M=32, BLOCK_K=128),
+                dict(
+                    MARGIN=margin_code,
+                    EXACT=True,
+                    BLOCK=configs.combine_block,
+                    BLOCK_K=128,
+                    BLOCK_G=configs.group_block,
+                ),
                 4,
                 None,  # as launched: Triton's default stages
             )
-    for raw in (torch.float32, torch.float16, torch.bfloat16):
+    for raw in (torch.float32, torch.float16, torch.bfloat16):  # the embeddings' dtype; prototypes fp32
         r = str(raw).removeprefix("torch.")
         for stored, round_bf16 in (
             (torch.float32, False),
@@ -212,14 +208,21 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 f"unit_rows[{r}->{s},round_bf16={int(round_bf16)}]",
                 _unit_rows_kernel,
                 dict(
-                    v_ptr=_PTR[raw],
-                    out_ptr=_PTR[stored],
-                    norm_ptr=f32p,
-                    R=i32,
+                    x_ptr=_PTR[raw],
+                    w_ptr=f32p,
+                    xu_ptr=_PTR[stored],
+                    wu_ptr=_PTR[stored],
+                    x_norm_ptr=f32p,
+                    w_norm_ptr=f32p,
+                    N=i32,
+                    n=i32,
                     K=i32,
                     K_OUT=i32,
-                    stride_v=i32,
-                    stride_out=i32,
+                    stride_x=i32,
+                    stride_w=i32,
+                    stride_xu=i32,
+                    stride_wu=i32,
+                    x_programs=i32,
                     eps="fp32",
                 ),
                 dict(ROUND_BF16=round_bf16, BLOCK_R=unit_rows.BLOCK_R, BLOCK_K=256),
@@ -227,33 +230,48 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 None,  # as launched: Triton's default stages
             )
         for stored in (torch.float32, torch.float16, torch.bfloat16):
-            for scatter in (False, True):
+            for mean in (True, False):
                 yield Spec(
-                    f"unit_rows_grad[{r},src={str(stored).removeprefix('torch.')},scatter={int(scatter)}]",
+                    f"unit_rows_grad[{r},src={str(stored).removeprefix('torch.')},mean={int(mean)}]",
                     _unit_rows_grad_kernel,
                     dict(
-                        grad_ptr=f32p,
-                        v_ptr=_PTR[raw],
-                        norm_ptr=f32p,
-                        out_ptr=_PTR[raw],
+                        gx_ptr=f32p,
+                        x_ptr=_PTR[raw],
+                        x_norm_ptr=f32p,
+                        x_out_ptr=_PTR[raw],
+                        target_ptr=i64p,
+                        wu_ptr=_PTR[stored],
+                        gw_ptr=f32p,
+                        w_ptr=f32p,
+                        w_norm_ptr=f32p,
+                        w_out_ptr=f32p,
                         order_ptr=i64p,
-                        dest_ptr=i64p,
-                        dest_start_ptr=i64p,
-                        coef_ptr=f32p,
-                        src_ptr=_PTR[stored],
-                        R=i32,
+                        key_ptr=i64p,
+                        xu_ptr=_PTR[stored],
+                        tcoef_ptr=f32p,
+                        gscale_ptr=f32p,
+                        count_ptr=f32p,
+                        N=i32,
+                        n=i32,
                         K=i32,
-                        stride_g=i32,
-                        stride_v=i32,
-                        stride_out=i32,
-                        stride_src=i32,
+                        stride_gx=i32,
+                        stride_x=i32,
+                        stride_xout=i32,
+                        stride_wu=i32,
+                        stride_gw=i32,
+                        stride_w=i32,
+                        stride_wout=i32,
+                        stride_xu=i32,
+                        x_programs=i32,
                         eps="fp32",
                     ),
                     dict(
-                        SCATTER=scatter,
+                        MEAN=mean,
                         BLOCK_R=unit_rows.BLOCK_R,
-                        BLOCK_K=64 if scatter else 256,
+                        X_BLOCK_K=256,
+                        W_BLOCK_K=64,
                         BLOCK_Q=unit_rows.BLOCK_Q,
+                        BLOCK_S=unit_rows.BLOCK_S,
                     ),
                     4,
                     None,
@@ -263,25 +281,6 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
         _loss_finalize_kernel,
         dict(row_loss_ptr=f32p, target_ptr=i64p, loss_ptr=f32p, count_ptr=f32p, N=i32),
         dict(BLOCK=1024),
-        4,
-        None,  # as launched: Triton's default stages
-    )
-    yield Spec(
-        "lse_combine",
-        _lse_combine_kernel,
-        dict(
-            max_ptr=f32p,
-            sum_ptr=f32p,
-            target_ptr=i64p,
-            zt_ptr=f32p,
-            dzdc_ptr=f32p,
-            lse_ptr=f32p,
-            row_loss_ptr=f32p,
-            tcoef_ptr=f32p,
-            N=i32,
-            S=i32,
-        ),
-        dict(BLOCK=configs.combine_block),
         4,
         None,  # as launched: Triton's default stages
     )
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.block:
         tile = TileConfig(args.block, args.block, args.block, num_warps=4, num_stages=2)
         configs = dataclasses.replace(
-            configs, lse=tile, grad_logits=tile, grad_x=tile, grad_w=tile, fp32_tf32=tile, fp32_ieee=tile
+            configs, lse=tile, grad_logits=tile, grad_gemm=tile, fp32_tf32=tile, fp32_ieee=tile
         )
     failed = 0
     for spec in specs(configs):

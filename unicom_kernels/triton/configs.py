@@ -45,10 +45,13 @@ class Configs:
             (this field and the next three apply to bf16/fp16 operands).
         grad_logits: backward kernel that recomputes the logit tiles and writes the
             softmax-gradient workspace; its ``block_n`` is also the class-chunk granularity.
-        grad_x: ``G @ W`` GEMM: ``block_m`` rows x ``block_n`` feature dims, ``block_k`` classes.
-        grad_w: ``G^T @ X`` GEMM: ``block_m`` classes x ``block_n`` feature dims, ``block_k`` rows.
+        grad_gemm: the gradient GEMMs, one launch: ``G @ W`` tiles of ``block_m`` rows x
+            ``block_n`` feature dims (``block_k`` classes deep) and ``G^T @ X`` tiles of
+            ``block_m`` classes x ``block_n`` feature dims (``block_k`` rows deep).
         fp32_tf32, fp32_ieee: the tile of every GEMM kernel for fp32 operands (see :meth:`tile`).
-        combine_block: rows per program of the kernel that merges the forward partials.
+        combine_block: rows per program of the kernel that merges the forward partials (it
+            also reads each row and its target prototype: 32 rows keep 128 programs at N = 4096).
+        group_block: rows compared per step when the forward groups the rows by class.
         flatten_forward: ``tl.range(..., flatten=True)`` on the forward's class-tile loop
             (one software pipeline across tiles instead of one per tile). Off until measured:
             it compiles with triton 3.8 (and uses fewer registers there), but is unverified
@@ -65,22 +68,22 @@ class Configs:
             gradient that exists anyway. Off under the interpreter, whose tests force chunks.
     """
 
-    lse: TileConfig = TileConfig(128, 128, 64)
-    grad_logits: TileConfig = TileConfig(128, 128, 64)
-    grad_x: TileConfig = TileConfig(128, 128, 64)
-    grad_w: TileConfig = TileConfig(128, 128, 64)
+    lse: TileConfig = TileConfig(128, 64, 64)
+    grad_logits: TileConfig = TileConfig(128, 64, 64)
+    grad_gemm: TileConfig = TileConfig(128, 64, 64)
     fp32_tf32: TileConfig = TileConfig(128, 64, 32, num_warps=8, num_stages=3)
     fp32_ieee: TileConfig = TileConfig(128, 64, 16, num_warps=8, num_stages=2)
-    combine_block: int = 256
+    combine_block: int = 32
+    group_block: int = 128
     flatten_forward: bool = False
     target_programs: int = 1056
-    workspace_bytes: int = 32 << 20
+    workspace_bytes: int = 40 << 20
     workspace_follows_grad_x: bool = True
 
     def tile(self, kernel: str, precision: str, fp32_operands: bool) -> TileConfig:
-        """The tile of ``kernel`` (``"lse"``, ``"grad_logits"``, ``"grad_x"``, ``"grad_w"``).
+        """The tile of ``kernel`` (``"lse"``, ``"grad_logits"``, ``"grad_gemm"``).
 
-        The four fields of that name apply to bf16/fp16 operands. fp32 operands take twice
+        The three fields of that name apply to bf16/fp16 operands. fp32 operands take twice
         the registers and shared memory per element, and exact (``"ieee"``) fp32 dots run on
         the FMA units rather than the tensor cores, so they use ``fp32_tf32`` /
         ``fp32_ieee`` for every kernel (sizes chosen so that no kernel spills registers on
@@ -98,11 +101,11 @@ _SMALL = TileConfig(32, 32, 32, num_warps=4, num_stages=2)
 INTERPRETER_CONFIGS = Configs(
     lse=_SMALL,
     grad_logits=_SMALL,
-    grad_x=_SMALL,
-    grad_w=_SMALL,
+    grad_gemm=_SMALL,
     fp32_tf32=_SMALL,
     fp32_ieee=_SMALL,
-    combine_block=64,
+    combine_block=16,
+    group_block=16,
     target_programs=64,
     workspace_follows_grad_x=False,
 )
@@ -132,9 +135,7 @@ def override_configs(
     new = configs if configs is not None else get_configs()
     if block is not None:
         tile = TileConfig(block, block, block, num_warps=4, num_stages=2)
-        new = dataclasses.replace(
-            new, lse=tile, grad_logits=tile, grad_x=tile, grad_w=tile, fp32_tf32=tile, fp32_ieee=tile
-        )
+        new = dataclasses.replace(new, lse=tile, grad_logits=tile, grad_gemm=tile, fp32_tf32=tile, fp32_ieee=tile)
     new = dataclasses.replace(new, **fields)
     previous, _active = _active, new
     try:

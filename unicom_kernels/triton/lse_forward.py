@@ -1,20 +1,25 @@
-"""Forward: cosine GEMM + margin substitution + log-sum-exp, fused.
+"""Forward: cosine GEMM + log-sum-exp, fused, then the target logit and the combine.
 
 Three kernels:
 
 1. ``_lse_partial_kernel``, grid ``(cdiv(N, BLOCK_M), S)``. Program ``(i, s)`` owns a block
    of rows and the ``s``-th contiguous run of class tiles. For each ``[BLOCK_M, BLOCK_N]``
    tile it computes the raw cosines with ``tl.dot`` (fp32 accumulation), clamps them to
-   ``[-1, 1]``, scales by ``s``, substitutes the margined target logit ``z_t`` (computed per
-   row beforehand, see :mod:`.target_logit`) and folds the tile into a
-   running ``(max, sum of exp(z - max))`` per row: an online log-sum-exp with a running
+   ``[-1, 1]``, scales by ``s``, leaves out each row's target entry and folds the rest into
+   a running ``(max, sum of exp(z - max))`` per row: an online log-sum-exp with a running
    maximum, so a row whose logits are all very negative (``s = 128``, ``c = -1``) stays
    exact; a fixed shift of ``s`` would underflow it. It writes one partial per row and split.
-2. ``_lse_combine_kernel`` merges the ``S`` partials of each row in split order (fixed
-   order: deterministic, no atomics) into ``LSE_i``, the per-row loss ``LSE_i - z_t`` (0 for
-   ignored rows) and the target coefficient of the backward,
-   ``t_i = (exp(z_t - LSE_i) - 1) * dz_dc_i`` (0 for ignored rows).
+   The target needs nothing but its column here, so the margin waits for step 2.
+2. ``_lse_combine_kernel``, one program per ``BLOCK`` rows: each row's margined target logit
+   ``z_t`` and ``dz/dc`` (:func:`.target_logit.target_logit_rows`), then ``z_t`` and the
+   ``S`` partials merged in split order (fixed order: deterministic, no atomics) into
+   ``LSE_i``, the per-row loss ``LSE_i - z_t`` (0 for ignored rows) and the target
+   coefficient of the backward ``t_i = (exp(z_t - LSE_i) - 1) * dz_dc_i`` (0 for ignored
+   rows); and the rows grouped by class for the backward (:func:`.target_logit.group_rows`).
 3. ``_loss_finalize_kernel`` (one program) averages the row losses in a fixed order.
+
+With the normalisation of both operands (:mod:`.unit_rows`), the mean loss takes four
+launches, the per-row statistics three.
 
 Workspace: the partials, ``2 * S * N`` fp32 (``8 * S * N`` bytes; ``S <= cdiv(n, BLOCK_N)``).
 No ``[N, n]`` tensor exists: the logits live in registers only.
@@ -23,6 +28,7 @@ No ``[N, n]`` tensor exists: the logits live in registers only.
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,6 +37,7 @@ from torch import Tensor
 
 from .common import UPCAST, clamp_cosine, cosine_tile, dot_precision
 from .configs import get_configs
+from .target_logit import group_rows, margin_arguments, target_logit_rows
 
 # tl.range(..., flatten=True) exists in recent Triton only (3.2 lacks it).
 SUPPORTS_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
@@ -43,7 +50,6 @@ def _fold_tile(
     offs_m,
     tile,
     target,
-    z_t,
     run_max,
     run_sum,
     N,
@@ -58,19 +64,31 @@ def _fold_tile(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Fold class tile ``tile`` into the running ``(max, sum)`` of each row; returns the new pair."""
+    """Fold the off-target logits of class tile ``tile`` into the running ``(max, sum)`` of each row."""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cos = cosine_tile(
         x_ptr, w_ptr, offs_m, offs_n, N, n, K, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION
     )
     z = scale * clamp_cosine(cos)
-    z = tl.where(offs_n[None, :] == target[:, None], z_t[:, None], z)
-    z = tl.where(offs_n[None, :] < n, z, float("-inf"))
-    # Every tile the caller folds has a real class, so the new maximum is finite and
-    # exp(-inf - max) = 0 handles the first tile and the padded columns.
-    new_max = tl.maximum(run_max, tl.max(z, axis=1))
-    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-    return new_max, run_sum
+    z = tl.where((offs_n[None, :] < n) & (offs_n[None, :] != target[:, None]), z, float("-inf"))
+    return _fold(run_max, run_sum, tl.max(z, axis=1), z, 1)
+
+
+@triton.jit
+def _fold(run_max, run_sum, new, values, AXIS: tl.constexpr):
+    """Online log-sum-exp step: ``(max, sum)`` after adding ``values`` (whose maximum along ``AXIS``
+    is ``new``), or after adding one ``(max, sum)`` pair ``(new, values)`` when ``AXIS`` is 0.
+
+    A row may have seen nothing but its excluded target so far (max ``-inf``); the shift then
+    is 0, so ``exp(-inf - 0) = 0`` keeps the empty sum empty instead of ``exp(-inf + inf)``.
+    """
+    new_max = tl.maximum(run_max, new)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    if AXIS == 1:
+        added = tl.sum(tl.exp(values - shift[:, None]), axis=1)
+    else:
+        added = values * tl.exp(new - shift)
+    return new_max, run_sum * tl.exp(run_max - shift) + added
 
 
 @triton.jit
@@ -78,7 +96,6 @@ def _lse_partial_kernel(
     x_ptr,  # [N, K] compute dtype
     w_ptr,  # [n, K] compute dtype
     target_ptr,  # [N] int64, -1 = ignored
-    zt_ptr,  # [N] fp32 margined target logit
     max_ptr,  # [S, N] fp32 out
     sum_ptr,  # [S, N] fp32 out
     N,
@@ -100,7 +117,6 @@ def _lse_partial_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     target = tl.load(target_ptr + offs_m, mask=row_ok, other=-1)
-    z_t = tl.load(zt_ptr + offs_m, mask=row_ok, other=0.0)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -113,13 +129,13 @@ def _lse_partial_kernel(
     if FLATTEN:
         for tile in tl.range(first_tile, last_tile, flatten=True):
             run_max, run_sum = _fold_tile(
-                x_ptr, w_ptr, offs_m, tile, target, z_t, run_max, run_sum, N, n, K, stride_x, stride_w, scale,
+                x_ptr, w_ptr, offs_m, tile, target, run_max, run_sum, N, n, K, stride_x, stride_w, scale,
                 BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
             )  # fmt: skip
     else:
         for tile in range(first_tile, last_tile):
             run_max, run_sum = _fold_tile(
-                x_ptr, w_ptr, offs_m, tile, target, z_t, run_max, run_sum, N, n, K, stride_x, stride_w, scale,
+                x_ptr, w_ptr, offs_m, tile, target, run_max, run_sum, N, n, K, stride_x, stride_w, scale,
                 BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
             )  # fmt: skip
 
@@ -131,35 +147,57 @@ def _lse_partial_kernel(
 def _lse_combine_kernel(
     max_ptr,  # [S, N] fp32
     sum_ptr,  # [S, N] fp32
+    x_ptr,  # [N, K] compute dtype
+    w_ptr,  # [n, K] compute dtype
     target_ptr,  # [N] int64
-    zt_ptr,  # [N] fp32
-    dzdc_ptr,  # [N] fp32 dz_t/dc_t, already times torch.clamp's gradient mask
     lse_ptr,  # [N] fp32 out
     row_loss_ptr,  # [N] fp32 out
     tcoef_ptr,  # [N] fp32 out
+    zt_ptr,  # [N] fp32 out: margined target logit (0 without a target)
+    dzdc_ptr,  # [N] fp32 out: dz_t/dc_t, times torch.clamp's gradient mask
+    order_ptr,  # [N] int64 out: rows sorted stably by target
+    key_ptr,  # [N] int64 out: their targets (n for none), ascending
     N,
+    n,
+    K,
     S,
+    stride_x,
+    stride_w,
+    scale,
+    margin,
+    cos_m,
+    sin_m,
+    sin_floor,
+    MARGIN: tl.constexpr,
+    EXACT: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    run_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):  # split order: the same every run
-        m = tl.load(max_ptr + s * N + offs, mask=ok, other=0.0)
-        total = tl.load(sum_ptr + s * N + offs, mask=ok, other=1.0)
-        new_max = tl.maximum(run_max, m)
-        run_sum = run_sum * tl.exp(run_max - new_max) + total * tl.exp(m - new_max)
-        run_max = new_max
-    lse = run_max + tl.log(run_sum)
+    target = tl.load(target_ptr + offs, mask=ok, other=-1)
+    valid = target >= 0
+    z_t, dz_dc = target_logit_rows(
+        x_ptr, w_ptr, offs, ok, target, K, stride_x, stride_w, scale, margin, cos_m, sin_m, sin_floor,
+        MARGIN, EXACT, BLOCK, BLOCK_K,
+    )  # fmt: skip
+    # The target logit first, then the off-target partials in split order (fixed: deterministic).
+    run_max = tl.where(valid, z_t, float("-inf"))
+    run_sum = tl.where(valid, 1.0, 0.0)
+    for s in range(0, S):
+        m = tl.load(max_ptr + s * N + offs, mask=ok, other=float("-inf"))
+        total = tl.load(sum_ptr + s * N + offs, mask=ok, other=0.0)
+        run_max, run_sum = _fold(run_max, run_sum, m, total, 0)
+    lse = run_max + tl.log(tl.where(ok, run_sum, 1.0))  # rows past N have nothing to sum
 
-    valid = tl.load(target_ptr + offs, mask=ok, other=-1) >= 0
-    z_t = tl.load(zt_ptr + offs, mask=ok, other=0.0)
-    dz_dc = tl.load(dzdc_ptr + offs, mask=ok, other=0.0)
     p_t = tl.exp(z_t - lse)
     tl.store(lse_ptr + offs, lse, mask=ok)
     tl.store(row_loss_ptr + offs, tl.where(valid, lse - z_t, 0.0), mask=ok)
     tl.store(tcoef_ptr + offs, tl.where(valid, (p_t - 1.0) * dz_dc, 0.0), mask=ok)
+    tl.store(zt_ptr + offs, tl.where(valid, z_t, 0.0), mask=ok)
+    tl.store(dzdc_ptr + offs, dz_dc, mask=ok)
+    group_rows(target_ptr, offs, ok, target, N, n, order_ptr, key_ptr, BLOCK, BLOCK_G)
 
 
 @triton.jit
@@ -193,23 +231,36 @@ def mean_loss(row_loss: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return loss, count
 
 
+class ForwardStats(NamedTuple):
+    """What the forward computes per row (each ``[N]``): ``lse``, ``row_loss`` (``LSE - z_t``, 0
+    if ignored), ``tcoef`` (the target coefficient of the mean loss's backward), ``z_t`` (0
+    if ignored) and ``dz_dc`` (fp32); ``order`` and ``sorted_key`` (int64): the rows grouped
+    by class for the backward (see :func:`.target_logit.group_rows`)."""
+
+    lse: Tensor
+    row_loss: Tensor
+    tcoef: Tensor
+    z_t: Tensor
+    dz_dc: Tensor
+    order: Tensor
+    sorted_key: Tensor
+
+
 def lse_forward(
-    xc: Tensor, wc: Tensor, target: Tensor, z_t: Tensor, dz_dc: Tensor, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the fused forward.
+    xc: Tensor, wc: Tensor, target: Tensor, *, scale: float, margin: float, margin_type: str, margin_grad: str
+) -> ForwardStats:
+    """Run the fused forward: two launches.
 
     Args:
         xc: ``[N, k]`` embeddings in the compute dtype, unit stride along ``k``.
         wc: ``[n, k]`` prototypes in the compute dtype, unit stride along ``k``.
         target: ``[N]`` int64 column of each row's target, ``-1`` for ignored rows.
-        z_t: ``[N]`` fp32 margined target logits.
-        dz_dc: ``[N]`` fp32 derivative of ``z_t`` w.r.t. the raw target cosine.
-        scale: the logit scale ``s``.
+        scale, margin, margin_type, margin_grad: see :func:`unicom_kernels.margin.target_logit`.
 
-    Returns:
-        ``(lse, row_loss, tcoef)``, each ``[N]`` fp32: the log-sum-exp of each row, its
-        loss ``LSE - z_t`` (0 if ignored) and its target coefficient for the backward.
+    Raises:
+        ValueError: unknown ``margin_type`` or ``margin_grad``.
     """
+    margin_args = margin_arguments(scale, margin, margin_type, margin_grad)
     cfg = get_configs()
     precision = dot_precision(xc.dtype)
     tile = cfg.tile("lse", precision, xc.dtype == torch.float32)
@@ -229,7 +280,6 @@ def lse_forward(
         xc,
         wc,
         target,
-        z_t,
         part_max,
         part_sum,
         N,
@@ -248,21 +298,27 @@ def lse_forward(
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )
-    lse = torch.empty(N, dtype=torch.float32, device=xc.device)
-    row_loss = torch.empty_like(lse)
-    tcoef = torch.empty_like(lse)
+    stats = ForwardStats(
+        *(torch.empty(N, dtype=torch.float32, device=xc.device) for _ in range(5)),
+        *(torch.empty(N, dtype=torch.int64, device=xc.device) for _ in range(2)),
+    )
     _lse_combine_kernel[(triton.cdiv(N, cfg.combine_block),)](
         part_max,
         part_sum,
+        xc,
+        wc,
         target,
-        z_t,
-        dz_dc,
-        lse,
-        row_loss,
-        tcoef,
+        *stats,
         N,
+        n,
+        K,
         splits,
+        xc.stride(0),
+        wc.stride(0),
+        **margin_args,
         BLOCK=cfg.combine_block,
+        BLOCK_K=min(128, triton.next_power_of_2(max(K, 16))),
+        BLOCK_G=cfg.group_block,
         num_warps=4,
     )
-    return lse, row_loss, tcoef
+    return stats

@@ -3,7 +3,8 @@
 The loss reaches the logits through each row's log-sum-exp (coefficient ``a_i = dL/dLSE_i``)
 and its target logit. Off the target, ``dL/dc_ij = a_i * s * p_ij * [-1 < c_ij < 1]`` with
 ``p_ij = exp(z_ij - LSE_i)``. The host passes ``r_i = a_i / A`` with ``A = max_i |a_i|`` (a
-device scalar), so that the stored values stay in ``[-s, s]``.
+device scalar), so that the stored values stay in ``[-s, s]``; for the mean loss ``r_i`` is
+``[t_i >= 0]``, read from the targets.
 
 ``_softmax_grad_kernel``, grid ``(cdiv(N, BLOCK_M), cdiv(chunk, BLOCK_N))``: each program
 recomputes one ``[BLOCK_M, BLOCK_N]`` cosine tile (same GEMM as the forward, fp32 in
@@ -35,7 +36,7 @@ def _softmax_grad_kernel(
     w_ptr,  # [n, K] compute dtype
     target_ptr,  # [N] int64
     lse_ptr,  # [N] fp32
-    rowscale_ptr,  # [N] fp32: r_i = (dL/dLSE_i) / max |dL/dLSE|
+    rowscale_ptr,  # [N] fp32: r_i = (dL/dLSE_i) / max |dL/dLSE| (unread when MEAN)
     g_ptr,  # [N, >= chunk] workspace, compute dtype
     N,
     n,
@@ -46,6 +47,7 @@ def _softmax_grad_kernel(
     stride_w,
     stride_g,
     scale,
+    MEAN: tl.constexpr,  # the mean loss: r_i = [t_i >= 0]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -78,7 +80,10 @@ def _softmax_grad_kernel(
     )
     target = tl.load(target_ptr + offs_m, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
-    rowscale = tl.load(rowscale_ptr + offs_m, mask=row_ok, other=0.0)
+    if MEAN:
+        rowscale = tl.where(target >= 0, 1.0, 0.0)
+    else:
+        rowscale = tl.load(rowscale_ptr + offs_m, mask=row_ok, other=0.0)
     # torch.clamp passes the gradient where min <= c <= max (inclusive).
     inside = (cos > -1.0) & (cos < 1.0)  # torch.clamp's gradient mask
     z = scale * clamp_cosine(cos)
@@ -96,7 +101,7 @@ def softmax_grad_chunk(
     wc: Tensor,
     target: Tensor,
     lse: Tensor,
-    rowscale: Tensor,
+    rowscale: Tensor | None,
     g: Tensor,
     col0: int,
     chunk_pad: int,
@@ -107,7 +112,8 @@ def softmax_grad_chunk(
 
     Args:
         xc, wc: ``[N, k]`` / ``[n, k]`` operands in the compute dtype.
-        target: ``[N]`` int64; lse: ``[N]`` fp32 from the forward; rowscale: ``[N]`` fp32 ``r_i``.
+        target: ``[N]`` int64; lse: ``[N]`` fp32 from the forward; rowscale: ``[N]`` fp32 ``r_i``,
+            or None for the mean loss (``r_i = [t_i >= 0]``).
         g: ``[N, >= chunk_pad]`` workspace in the compute dtype (unit column stride).
         chunk_pad: the chunk's class count rounded up to 16 (see :mod:`.backward`).
     """
@@ -118,7 +124,7 @@ def softmax_grad_chunk(
         wc,
         target,
         lse,
-        rowscale,
+        rowscale if rowscale is not None else lse,  # unread for the mean loss
         g,
         N,
         wc.shape[0],
@@ -129,6 +135,7 @@ def softmax_grad_chunk(
         wc.stride(0),
         g.stride(0),
         float(scale),
+        MEAN=rowscale is None,
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k,

@@ -1,8 +1,8 @@
-"""Each row's target cosine and margined target logit, in one small kernel.
+"""Per-row work on the targets, as device helpers of the forward's combine kernel.
 
-``_target_logit_kernel``, grid ``(cdiv(N, BLOCK_M),)``: for its rows, the raw target cosine
-``c_i = <x_i, w_{t_i}>`` (a row-wise dot with a gathered prototype row: CCE's ``indexed_dot``
-idea; fp32 products of the compute-dtype values, fp32 sums), then the margin of
+:func:`target_logit_rows`: for a block of rows, the raw target cosine ``c_i = <x_i, w_{t_i}>``
+(a row-wise dot with a gathered prototype row: CCE's ``indexed_dot`` idea; fp32 products of
+the compute-dtype values, fp32 sums), then the margin of
 :func:`unicom_kernels.margin.target_logit` on ``clamp(c_i, -1, 1)``:
 
     arcface: z = s * (c cos m - sqrt(1 - c^2) sin m)        (exact for theta + m > pi too)
@@ -11,21 +11,24 @@ idea; fp32 products of the compute-dtype values, fp32 sums), then the margin of
 
 and ``dz/dc`` (``s`` for ``straight_through``; the exact derivative otherwise, with
 ``sqrt(1 - c^2)`` floored at ``margin._SIN_FLOOR``), times ``[-1 < c_i < 1]`` (torch.clamp's
-gradient mask). Rows without a target read prototype 0 (their values are unused).
+gradient mask). Rows without a target read prototype 0 (their values are unused). The
+formulas mirror ``margin.py`` term by term; ``tests/test_triton_backend.py`` checks them
+against it.
 
-One launch instead of the ~20 elementwise torch ops of the same formulas, which matters
-for a forward pass whose target is under 100 us on an H100. The formulas mirror
-``margin.py`` term by term; ``tests/test_triton_backend.py`` checks them against it.
+:func:`group_rows`: the rows sorted stably by target class (rows without a target last), for
+the prototype gradient's target term, which sums the rows of each class in a fixed order
+(:mod:`.unit_rows`). The position of row ``i`` is the number of rows with a smaller key plus
+the earlier rows with the same key: ``N`` comparisons per row, which for a batch of a few
+thousand rows is cheaper than a sort's several launches, and a permutation written without
+conflicts (no atomics).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from ..margin import _SIN_FLOOR
 from .common import clamp_cosine
@@ -33,14 +36,34 @@ from .common import clamp_cosine
 MARGIN_CODES = {"arcface": 0, "cosface": 1, "none": 2}
 
 
+def margin_arguments(scale: float, margin: float, margin_type: str, margin_grad: str) -> dict[str, object]:
+    """The scalar arguments and constexprs of :func:`target_logit_rows`.
+
+    Raises:
+        ValueError: unknown ``margin_type`` or ``margin_grad``.
+    """
+    if margin_type not in MARGIN_CODES:
+        raise ValueError(f"margin_type must be one of {tuple(MARGIN_CODES)}, got {margin_type!r}")
+    if margin_grad not in ("straight_through", "exact"):
+        raise ValueError(f"margin_grad must be 'straight_through' or 'exact', got {margin_grad!r}")
+    return dict(
+        scale=float(scale),
+        margin=float(margin),
+        cos_m=math.cos(margin),
+        sin_m=math.sin(margin),
+        sin_floor=_SIN_FLOOR,
+        MARGIN=MARGIN_CODES[margin_type],
+        EXACT=margin_grad == "exact",
+    )
+
+
 @triton.jit
-def _target_logit_kernel(
-    x_ptr,  # [N, K] compute dtype
-    w_ptr,  # [n, K] compute dtype
-    target_ptr,  # [N] int64, -1 = no target
-    zt_ptr,  # [N] fp32 out: margined target logit
-    dzdc_ptr,  # [N] fp32 out: dz_t / d(raw cosine), clamp mask included
-    N,
+def target_logit_rows(
+    x_ptr,
+    w_ptr,
+    offs_m,
+    row_ok,
+    target,
     K,
     stride_x,
     stride_w,
@@ -54,10 +77,9 @@ def _target_logit_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """``(z_t, dz_dc)``, ``[BLOCK_M]`` fp32 each, of rows ``offs_m`` with targets ``target``."""
     offs_k = tl.arange(0, BLOCK_K)
-    row_ok = offs_m < N
-    col = tl.maximum(tl.load(target_ptr + offs_m, mask=row_ok, other=0), 0)
+    col = tl.maximum(target, 0)
     x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
     w_ptrs = w_ptr + col[:, None] * stride_w + offs_k[None, :]
     raw = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -87,46 +109,35 @@ def _target_logit_kernel(
     else:
         dz_dc = tl.full((BLOCK_M,), scale, dtype=tl.float32)
     dz_dc = tl.where((raw > -1.0) & (raw < 1.0), dz_dc, 0.0)
-    tl.store(zt_ptr + offs_m, z, mask=row_ok)
-    tl.store(dzdc_ptr + offs_m, dz_dc, mask=row_ok)
+    return z, dz_dc
 
 
-def target_logit(
-    xc: Tensor, wc: Tensor, target: Tensor, *, scale: float, margin: float, margin_type: str, margin_grad: str
-) -> tuple[Tensor, Tensor]:
-    """``(z_t, dz_dc)``, each ``[N]`` fp32, for compute-dtype operands ``xc [N, k]``, ``wc [n, k]``.
-
-    Raises:
-        ValueError: unknown ``margin_type`` or ``margin_grad``.
-    """
-    if margin_type not in MARGIN_CODES:
-        raise ValueError(f"margin_type must be one of {tuple(MARGIN_CODES)}, got {margin_type!r}")
-    if margin_grad not in ("straight_through", "exact"):
-        raise ValueError(f"margin_grad must be 'straight_through' or 'exact', got {margin_grad!r}")
-    N, K = xc.shape
-    z_t = torch.empty(N, dtype=torch.float32, device=xc.device)
-    dz_dc = torch.empty_like(z_t)
-    block_m = 32
-    block_k = min(128, triton.next_power_of_2(max(K, 16)))
-    _target_logit_kernel[(triton.cdiv(N, block_m),)](
-        xc,
-        wc,
-        target,
-        z_t,
-        dz_dc,
-        N,
-        K,
-        xc.stride(0),
-        wc.stride(0),
-        float(scale),
-        float(margin),
-        math.cos(margin),
-        math.sin(margin),
-        _SIN_FLOOR,
-        MARGIN=MARGIN_CODES[margin_type],
-        EXACT=margin_grad == "exact",
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
-    return z_t, dz_dc
+@triton.jit
+def group_rows(
+    target_ptr,
+    offs_m,
+    row_ok,
+    target,
+    N,
+    n,
+    order_ptr,
+    key_ptr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Write rows ``offs_m`` into ``order [N]`` (rows sorted stably by key) and their keys into
+    ``key [N]`` (ascending), the key of a row being its target, or ``n`` for none."""
+    # int32 keys (n < 2^31: the launchers' int32 offsets already require it) halve the registers.
+    key = tl.where(target >= 0, target, n).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    rank = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for g0 in range(0, N, BLOCK_G):
+        rows = g0 + offs_g
+        other = tl.load(target_ptr + rows, mask=rows < N, other=-1).to(tl.int32)
+        # Past N: a key above every real one, so it never counts.
+        other = tl.where(rows < N, tl.where(other >= 0, other, n), n + 1)
+        earlier = rows[None, :] < offs_m[:, None]
+        before = (other[None, :] < key[:, None]) | ((other[None, :] == key[:, None]) & earlier)
+        rank += tl.sum(before.to(tl.int32), axis=1)
+    tl.store(order_ptr + rank, offs_m.to(tl.int64), mask=row_ok)
+    tl.store(key_ptr + rank, key.to(tl.int64), mask=row_ok)
