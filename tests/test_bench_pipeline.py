@@ -17,9 +17,9 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     result = json.loads((tmp_path / "smoke.json").read_text())
     rows = result["loading"]
     assert [(r["mode"], r["samples"]) for r in rows] == [
-        ("indexed", 150), ("stream", 150), ("indexed", 300), ("stream", 300)
+        ("indexed", 150), ("stream", 150), ("features", 150), ("indexed", 300), ("stream", 300), ("features", 300)
     ]  # fmt: skip
     assert all(r["startup_s"] > 0 and r["samples_per_s"] > 0 for r in rows)
-    assert set(result["bytes_per_sample"]) == {"indexed", "stream"}
+    assert set(result["bytes_per_sample"]) == {"indexed", "stream", "features"}
     text = (tmp_path / "smoke.md").read_text()
-    assert "| stream | 300 | 4 |" in text and "bytes/sample" in text
+    assert "| stream | 300 | 4 |" in text and "| features | 300 | 4 |" in text and "bytes/sample" in text

@@ -15,6 +15,7 @@ from unicom import atomic, config  # noqa: E402
 from unicom.data import DataError  # noqa: E402
 from unicom.demo import TINY_CLIP, TINY_NAME  # noqa: E402
 from unicom.features import FeaturesConfig, FeatureStore, extract, shard_paths  # noqa: E402
+from unicom.stream import POSITIONS_FILE, ShardTable  # noqa: E402
 
 
 @pytest.fixture()
@@ -84,3 +85,9 @@ def test_pixels_and_bad_images(setup):
     index = extract(config.make(FeaturesConfig, {**vars(cfg), "skip_bad": True, "overwrite": True}), quiet=True)
     assert index["rows"] == 9 and index["skipped"] == 1 and index["dim"] == 3 * 36
     assert "03.png" not in FeatureStore(tmp_path / "feats").ids
+    # A folder is one unit over several output shards: positions are the samples' places in the folder.
+    table = ShardTable.load(tmp_path / "feats")
+    assert table.names == [f"image folder {tmp_path / 'imgs'}"] and table.samples.tolist() == [10]
+    assert table.start.tolist() == [0] and table.rows.tolist() == [9]
+    assert np.load(tmp_path / "feats" / POSITIONS_FILE).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert np.load(shard_paths(tmp_path / "feats", 0).positions).tolist() == [0, 1, 2]

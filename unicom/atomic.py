@@ -67,6 +67,12 @@ def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path
     return path
 
 
+def write_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` atomically by calling ``write(handle)`` on a binary handle of a temporary
+    file (for contents produced piece by piece, never held whole)."""
+    return _atomic(path, write)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return _atomic(path, lambda h: h.write(data))

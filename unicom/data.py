@@ -17,7 +17,9 @@ Sources and their sample ids:
 - **wds** (webdataset) shards: a folder of ``.tar`` files, a glob, or a brace pattern
   ``shard-{000..009}.tar``; a sample is the group of members sharing a key
   (``<key>.jpg|png|...``, ``<key>.txt`` caption, ``<key>.cls`` integer label); id = ``<key>``.
-  Tar headers are indexed once, so samples are read by offset (random access, exact resume).
+  :func:`wds_source` indexes the tar headers once, so samples are read by offset (random access,
+  exact resume); :mod:`unicom.features` and training's stream mode walk the tars with
+  :func:`iter_tar` instead, holding no per-sample record.
   A truncated shard (or a ``.cls`` that is not an integer) is an error naming the shard; with
   ``skip_bad`` its intact samples are kept and the damaged one is skipped and counted.
 """
@@ -127,13 +129,18 @@ class Source:
     def load_image(self, index: int) -> Image.Image:
         """Decode sample ``index`` to an RGB PIL image; raises :class:`DataError` naming the sample."""
         rec = self.records[index]
-        data = self.read_bytes(index)
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            return image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            raise DataError(f"sample {rec.id!r}: cannot decode image {rec.location}: {exc}") from exc
+        return decode_image(self.read_bytes(index), rec.id, rec.location)
+
+
+def decode_image(data: bytes, sample: str, location: str) -> Image.Image:
+    """Decode the encoded image ``data`` of sample ``sample`` (stored in ``location``) to RGB; raises
+    :class:`DataError` naming both."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"sample {sample!r}: cannot decode image {location}: {exc}") from exc
 
 
 def _label_map(raw: Sequence[str | None]) -> tuple[list[int | None], list[str] | None]:

@@ -1,41 +1,62 @@
 """Step 1: CLIP features of every sample, as ``.npy`` shards plus an id index (resumable by shard).
 
 ``joint`` = L2-normalised mean of the L2-normalised image and text embeddings; ``image`` / ``text``
-use one tower; ``auto`` (the default) is ``joint`` when every sample has a caption, else ``image``.
+use one tower; ``auto`` (the default) is ``joint`` when every sample has a caption, else ``image``
+(for webdataset shards: every sample of the first shard that holds any, see below).
 ``model: pixels`` gives raw-pixel features instead (an honest baseline, no network; mode ``image``).
+
+Input is read in one of two ways:
+
+- **Webdataset shards are streamed**: start-up lists the ``.tar`` files (and stats them for
+  ``meta.json``) without reading a header; each tar is one unit and one output shard.
+  Data-loader workers take whole tars, walk them in tar order (:func:`unicom.data.iter_tar`)
+  and decode the images; the main process encodes the batches and writes a tar's shard when
+  its last batch is in. Nothing is held per sample beyond the tars in progress. ``shard_size``
+  does not apply. ``auto`` decides from the first shard that holds samples; a sample found
+  later without a caption in mode ``joint`` / ``text`` is an error naming it (finished shards
+  stay), or, with ``skip_bad``, skipped and counted.
+- **Folders and list files are indexed** (:func:`unicom.data.open_source`): one unit, output
+  shards of ``shard_size`` samples each, decoded by the workers of a map-style data loader.
 
 Output folder::
 
-    meta.json            what produced the features (checked on resume; mismatch -> error)
-    shard_00000.npy      [n_i, D] float16/float32, rows L2-normalised
-    shard_00000.ids.txt  the n_i sample ids of those rows (missing/corrupt samples skipped with skip_bad)
-    shard_00000.src.npy  [n_i] int64 source index of those rows
+    meta.json                what produced the features (checked on resume; mismatch -> error)
+    shard_00000.npy          [n_i, D] float16/float32, rows L2-normalised
+    shard_00000.ids.txt      the n_i sample ids of those rows (missing/corrupt samples skipped with skip_bad)
+    shard_00000.pos.npy      [n_i] int32 position of those rows inside their unit
+    shard_00000.unit.json    the unit the shard belongs to, and how many of its samples it covered
     ...
-    shards.json          the shard table: per input unit (tar shard; a folder or list is one), its
-                         samples and the feature rows it starts at and fills (see unicom.stream)
-    positions.npy        [N] int32 position of every row inside its unit
-    ids.txt, index.json  written last: all ids in row order; shard list, dim, counts
+    shards.json              the shard table: per input unit (tar shard; a folder or list is one), its
+                             samples and the feature rows it starts at and fills (see unicom.stream)
+    positions.npy            [N] int32 position of every row inside its unit
+    ids.txt, index.json      written last: all ids in row order; shard list, dim, counts
 
 Rows follow the source order, so they come unit by unit: the labels k-means writes in row order
-join back to samples by (unit, position), ids stay for looking images up.
+join back to samples by (unit, position), ids stay for looking images up. Positions count the
+samples that have an image, in tar order (as :mod:`unicom.stream` does). ``ids.txt`` and
+``positions.npy`` are assembled by copying the shards' files in order, never held whole.
 
-A shard is done when its ``.npy`` exists (written atomically after its ids), so a rerun skips it.
-Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes the index.
+A shard is done when its ``.npy`` exists (written atomically after its other files), so a rerun
+skips it. Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes the index.
 
-A rerun with other settings (see ``meta.json``) is refused unless ``--overwrite``, which first
-deletes the old ``index.json``, ``ids.txt`` and shards, then writes the new ``meta.json``: a run
-killed part-way leaves no index (readers refuse the folder) and a rerun with the new settings
+A rerun with other settings (see ``meta.json``; for webdataset shards it records the tars' names,
+sizes and modification times, not their sample counts) is refused unless ``--overwrite``, which
+first deletes the old ``index.json``, ``ids.txt`` and shards, then writes the new ``meta.json``: a
+run killed part-way leaves no index (readers refuse the folder) and a rerun with the new settings
 resumes it. A folder without any shard (a run that failed before its first one) holds nothing
 to protect: a rerun with other settings takes it over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import IO, NamedTuple
 
 import numpy as np
 import torch
@@ -43,12 +64,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import atomic, config, dist
-from .data import DataError, ImageDataset, Source, open_source
+from .data import DataError, ImageDataset, Source, decode_image, expand_shards, iter_tar, open_source, resolve_format
 from .model import eval_transform, load_clip, pixel_transform
 from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 MODES = ("auto", "joint", "image", "text")
 CAPTION_MODES = ("joint", "text")
+LAYOUT = 3  # per-shard positions and unit files; folders of an older layout are recomputed
 
 
 @dataclass
@@ -66,7 +88,9 @@ class FeaturesConfig:
         default="auto", metadata={"help": "auto (joint with captions, else image) | joint | image | text"}
     )
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    shard_size: int = field(default=100_000, metadata={"help": "samples per output shard"})
+    shard_size: int = field(
+        default=100_000, metadata={"help": "samples per output shard (folder/list; webdataset: one per tar)"}
+    )
     dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 | float32"})
     num_workers: int = field(
         default_factory=config.default_num_workers, metadata={"help": "DataLoader worker processes"}
@@ -90,35 +114,102 @@ class FeaturesConfig:
             raise config.ConfigError("model=pixels has no text tower: set mode=image")
 
 
-def resolve_mode(cfg: FeaturesConfig, source: Source, quiet: bool = False) -> str:
+class TarShards:
+    """Webdataset input read as a stream: the tar paths only (no header is read); tar ``s`` is unit ``s``
+    and output shard ``s``."""
+
+    def __init__(self, spec: str, skip_bad: bool = False) -> None:
+        self.paths = expand_shards(spec)
+        self.description = f"webdataset shards {spec}"
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """A digest of the tars' names, sizes and modification times (one ``stat`` each)."""
+        digest = hashlib.sha256()
+        for path in self.paths:
+            st = os.stat(path)
+            digest.update(f"{os.path.basename(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+def open_input(cfg: FeaturesConfig) -> Source | TarShards:
+    """The input of ``cfg``: webdataset shards as a :class:`TarShards` stream, anything else indexed."""
+    if resolve_format(cfg.data, cfg.data_format) == "wds":
+        return TarShards(cfg.data, cfg.skip_bad)
+    return open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
+
+
+@dataclass
+class _Captions:
+    """Which of the samples ``resolve_mode`` looks at lack a caption; ``scope`` says which samples those are."""
+
+    samples: int
+    missing: int
+    example: str | None
+    scope: str
+
+
+def _caption_census(source: Source | TarShards) -> _Captions:
+    if isinstance(source, Source):
+        missing = [r.id for r in source.records if not r.caption]
+        return _Captions(len(source), len(missing), missing[0] if missing else None, f"the {len(source)} samples")
+    for s, path in enumerate(source.paths):  # the first tar that holds samples; its headers and captions only
+        samples, missing, example = 0, 0, None
+        for sample in iter_tar(path, source.skip_bad):
+            samples += 1
+            if not sample.caption:
+                missing += 1
+                example = example or sample.key
+        if samples:
+            first = "the first shard" if s == 0 else "the first non-empty shard"
+            return _Captions(samples, missing, example, f"the {samples} samples of {first} {path}")
+    raise DataError(f"no images found in {source.description}")
+
+
+def resolve_mode(cfg: FeaturesConfig, source: Source | TarShards, quiet: bool = False) -> str:
     """The mode to run: ``auto`` resolved from the captions; a caption mode the source cannot feed is an
-    error now, before any model is loaded (a sample without caption would otherwise stop the run later)."""
+    error now, before any model is loaded (a sample without caption would otherwise stop the run later).
+
+    An indexed source is judged on all its samples, webdataset shards on the first shard that holds any.
+    """
     if cfg.model == "pixels":
         return "image"
-    missing = [r.id for r in source.records if not r.caption]
+    seen = _caption_census(source)
+    streamed = isinstance(source, TarShards)
     if cfg.mode == "auto":
-        if not missing:
+        if not seen.missing:
+            if streamed and not quiet:
+                later = "skipped and counted" if cfg.skip_bad else "an error (--skip-bad skips them)"
+                print(
+                    f"features: mode=joint: {seen.scope} all have a caption; later samples without one are {later}",
+                    file=sys.stderr,
+                )
             return "joint"
         if not quiet:
             print(
-                f"features: mode=image: no captions for {len(missing)} of the {len(source)} samples "
+                f"features: mode=image: no captions for {seen.missing} of {seen.scope} "
                 "(mode=joint needs a caption for every sample)",
                 file=sys.stderr,
             )
         return "image"
-    if cfg.mode in CAPTION_MODES and len(missing) == len(source):
+    if cfg.mode in CAPTION_MODES and seen.missing == seen.samples:
         raise config.ConfigError(
-            f"mode={cfg.mode} needs captions, but {source.description} has none; use --mode image (or auto)"
+            f"mode={cfg.mode} needs captions, but {source.description} has none"
+            + (f" in {seen.scope}" if streamed else "")
+            + "; use --mode image (or auto)"
         )
-    if cfg.mode in CAPTION_MODES and missing and not cfg.skip_bad:
+    if cfg.mode in CAPTION_MODES and seen.missing and not cfg.skip_bad:
         raise config.ConfigError(
-            f"mode={cfg.mode} needs captions, but {len(missing)} of the {len(source)} samples of {source.description} "
-            f"have none (e.g. {missing[0]!r}); --skip-bad skips them, --mode image ignores captions"
+            f"mode={cfg.mode} needs captions, but {seen.missing} of {seen.scope} of {source.description} "
+            f"have none (e.g. {seen.example!r}); --skip-bad skips them, --mode image ignores captions"
         )
     return cfg.mode
 
 
-def _fingerprint(cfg: FeaturesConfig, source: Source) -> dict:
+def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards) -> dict:
     keep = (
         "data",
         "data_format",
@@ -132,9 +223,14 @@ def _fingerprint(cfg: FeaturesConfig, source: Source) -> dict:
         "seed",
     )
     meta = {k: v for k, v in asdict(cfg).items() if k in keep}
-    meta["num_samples"] = len(source)
+    if isinstance(source, TarShards):
+        meta["shard_size"] = None  # one output shard per tar
+        meta["num_tars"] = len(source)
+        meta["input"] = source.fingerprint()
+    else:
+        meta["num_samples"] = len(source)
     meta["random_init"] = cfg.model != "pixels" and not cfg.pretrained
-    meta["layout"] = 2  # shard table + source rows; folders of the id-only layout are recomputed
+    meta["layout"] = LAYOUT
     return meta
 
 
@@ -167,22 +263,54 @@ class _Encoder:
         return F.normalize(torch.stack(parts).mean(0), dim=1).cpu()
 
 
-def shard_paths(output_dir: str | Path, shard: int) -> tuple[Path, Path, Path]:
-    """``(features .npy, ids .txt, source indices .npy)`` paths of shard number ``shard``."""
+class ShardFiles(NamedTuple):
+    """The files of one output shard; ``features`` is written last (the shard is done once it exists)."""
+
+    features: Path
+    ids: Path
+    positions: Path
+    unit: Path
+
+
+def shard_paths(output_dir: str | Path, shard: int) -> ShardFiles:
+    """The :class:`ShardFiles` of shard number ``shard``: ``(features .npy, ids .txt, positions .npy, unit .json)``."""
     base = Path(output_dir) / f"shard_{shard:05d}"
-    return base.with_suffix(".npy"), Path(f"{base}.ids.txt"), Path(f"{base}.src.npy")
+    return ShardFiles(
+        base.with_suffix(".npy"), Path(f"{base}.ids.txt"), Path(f"{base}.pos.npy"), Path(f"{base}.unit.json")
+    )
 
 
-def shard_table(source: Source, rows: np.ndarray) -> tuple[ShardTable, np.ndarray]:
-    """The table of ``source``'s units for feature rows holding the sorted source indices ``rows`` [N] int64,
-    and ``[N]`` int32 positions of the rows inside their units."""
-    names = [name for name, _ in source.units]
-    samples = np.array([n for _, n in source.units], np.int64)
-    bounds = np.concatenate([[0], np.cumsum(samples)])
-    unit = np.searchsorted(bounds, rows, side="right") - 1
-    start = np.searchsorted(unit, np.arange(len(names)))
-    counts = np.bincount(unit, minlength=len(names)).astype(np.int64)
-    return ShardTable(names, samples, start.astype(np.int64), counts), (rows - bounds[unit]).astype(np.int32)
+class _Rows:
+    """The feature rows of one output shard while its batches are encoded: features, ids, positions.
+
+    Both inputs fill one: the batches of an indexed range, or those of one streamed tar."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.features: list[np.ndarray] = []
+        self.ids: list[str] = []
+        self.positions: list[int] = []
+        self.no_caption = 0  # samples skipped for want of a caption (joint / text with skip_bad)
+
+    def add(
+        self, encoder: _Encoder, images: torch.Tensor | None, captions: list[str] | None,
+        ids: list[str], positions: list[int],
+    ) -> None:  # fmt: skip
+        if ids:
+            self.features.append(encoder(images, captions).numpy().astype(self.dtype))
+            self.ids.extend(ids)
+            self.positions.extend(positions)
+
+    def write(self, output_dir: Path, shard: int, unit: int, name: str, samples: int) -> None:
+        """Write the shard's files; ``samples`` = samples of unit ``unit`` (file ``name``) the shard covered."""
+        files = shard_paths(output_dir, shard)
+        array = np.concatenate(self.features) if self.features else np.zeros((0, 0), self.dtype)
+        atomic.write_text(files.ids, "".join(i + "\n" for i in self.ids))
+        atomic.save_npy(files.positions, np.array(self.positions, np.int32))
+        atomic.write_json(
+            files.unit, {"unit": unit, "name": name, "samples": int(samples), "no_caption": self.no_caption}
+        )
+        atomic.save_npy(files.features, array)
 
 
 def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]:
@@ -192,13 +320,12 @@ def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]
     return keep, [source.records[i].caption for i in keep]
 
 
-def _extract_shard(
-    cfg: FeaturesConfig, source: Source, encoder: _Encoder, start: int, end: int, bar: tqdm
-) -> tuple[np.ndarray, list[int]]:
-    """Features ``[n, D]`` of the samples ``[start, end)`` that could be read, and their source indices."""
+def _extract_shard(cfg: FeaturesConfig, source: Source, encoder: _Encoder, start: int, end: int, bar: tqdm) -> _Rows:
+    """The rows of the samples ``[start, end)`` of an indexed source that could be read."""
     needs_image = cfg.mode in ("joint", "image")
     needs_text = cfg.mode in ("joint", "text")
-    feats, kept = [], []
+    rows = _Rows(cfg.dtype)
+    ids = [r.id for r in source.records[start:end]]
     indices = list(range(start, end))
     if needs_image:
         dataset = ImageDataset(source, encoder.transform, skip_bad=cfg.skip_bad)
@@ -214,28 +341,194 @@ def _extract_shard(
                 if len(idx_text) != len(idx_ok):
                     with_text = set(idx_text)
                     mask = torch.tensor([i in with_text for i in idx_ok], dtype=torch.bool)
+                    rows.no_caption += len(idx_ok) - len(idx_text)
                     images, idx_ok = images[mask], idx_text
-            if idx_ok:
-                feats.append(encoder(images, texts))
-                kept.extend(idx_ok)
+            rows.add(encoder, images, texts, [ids[i - start] for i in idx_ok], idx_ok)
             bar.update(len(idx))
     else:
         for b in range(start, end, cfg.batch_size):
             batch = list(range(b, min(b + cfg.batch_size, end)))
             idx_ok, texts = _captions(source, batch)
-            if idx_ok:
-                feats.append(encoder(None, texts))
-                kept.extend(idx_ok)
+            rows.no_caption += len(batch) - len(idx_ok)
+            rows.add(encoder, None, texts, [ids[i - start] for i in idx_ok], idx_ok)
             bar.update(len(batch))
-    dim = feats[0].shape[1] if feats else 0
-    array = torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)
-    return array.astype(cfg.dtype), kept
+    return rows
+
+
+@dataclass
+class _TarBatch:
+    """Up to ``batch_size`` readable samples of tar ``shard`` (``read`` samples walked to gather them);
+    the last batch of a tar has ``samples`` set to the tar's sample count."""
+
+    shard: int
+    images: list | torch.Tensor | None
+    captions: list[str] | None
+    ids: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    read: int = 0
+    no_caption: int = 0
+    samples: int | None = None
+
+
+class _TarBatches(torch.utils.data.IterableDataset):
+    """The batches of the tars ``paths[s]``, ``s`` in ``todo``: data-loader worker ``w`` of ``n`` takes the
+    whole tars ``todo[w], todo[w + n], ...`` and yields a tar's batches in tar order."""
+
+    def __init__(
+        self, paths: list[str], todo: list[int], transform: Callable[..., torch.Tensor], mode: str,
+        batch_size: int, skip_bad: bool,
+    ) -> None:  # fmt: skip
+        self.paths, self.todo, self.transform = paths, todo, transform
+        self.mode, self.batch_size, self.skip_bad = mode, batch_size, skip_bad
+
+    def __iter__(self) -> Iterator[_TarBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for s in self.todo[worker::workers]:
+            yield from self._tar(s)
+
+    def _new(self, s: int) -> _TarBatch:
+        needs_image, needs_text = self.mode in ("joint", "image"), self.mode in CAPTION_MODES
+        return _TarBatch(s, [] if needs_image else None, [] if needs_text else None)
+
+    def _done(self, batch: _TarBatch) -> _TarBatch:
+        if batch.images is not None:
+            batch.images = torch.stack(batch.images) if batch.images else None
+        return batch
+
+    def _tar(self, s: int) -> Iterator[_TarBatch]:
+        path, batch, samples = self.paths[s], self._new(s), 0
+        for sample in iter_tar(path, self.skip_bad, read=batch.images is not None):
+            samples += 1
+            batch.read += 1
+            if sample.error:  # a damaged sample of a skip_bad walk
+                continue
+            if batch.captions is not None and not sample.caption:
+                if not self.skip_bad:
+                    raise DataError(
+                        f"sample {sample.key!r} of webdataset shard {path} has no caption: mode={self.mode} needs "
+                        "one for every sample (--skip-bad skips such samples, --mode image ignores captions)"
+                    )
+                batch.no_caption += 1
+                continue
+            if batch.images is not None:
+                try:
+                    image = decode_image(sample.data, sample.key, path)
+                except DataError:
+                    if not self.skip_bad:
+                        raise
+                    continue
+                batch.images.append(self.transform(image))
+            if batch.captions is not None:
+                batch.captions.append(sample.caption)
+            batch.ids.append(sample.key)
+            batch.positions.append(sample.position)
+            if len(batch.ids) == self.batch_size:
+                yield self._done(batch)
+                batch = self._new(s)
+        batch.samples = samples
+        yield self._done(batch)
+
+
+def _extract_tars(
+    cfg: FeaturesConfig, source: TarShards, encoder: _Encoder, todo: list[int], out: Path, bar: tqdm
+) -> None:
+    """Stream the tars ``todo`` through the data-loader workers; write each tar's shard when it is complete."""
+    dataset = _TarBatches(source.paths, todo, encoder.transform, cfg.mode, cfg.batch_size, cfg.skip_bad)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(cfg.num_workers, len(todo)))
+    pending: dict[int, _Rows] = {}  # the tars in progress (about one per worker)
+    done = 0
+    for batch in loader:
+        rows = pending.setdefault(batch.shard, _Rows(cfg.dtype))
+        rows.no_caption += batch.no_caption
+        rows.add(encoder, batch.images, batch.captions, batch.ids, batch.positions)
+        bar.update(batch.read)
+        if batch.samples is not None:
+            path = source.paths[batch.shard]
+            pending.pop(batch.shard).write(out, batch.shard, batch.shard, os.path.basename(path), batch.samples)
+            done += 1
+            bar.set_postfix_str(f"{done}/{len(todo)} tars")
+
+
+def _copy_ids(handle: IO[bytes], shards: list[dict], out: Path) -> None:
+    """Stream the shards' id files into ``handle``, checking each lists as many ids as its shard has rows."""
+    for shard in shards:
+        path, lines = out / shard["ids"], 0
+        with open(path, "rb") as source:
+            while chunk := source.read(1 << 20):
+                lines += chunk.count(b"\n")
+                handle.write(chunk)
+        if lines != shard["rows"]:
+            raise DataError(f"{out / shard['file']} has {shard['rows']} rows but {path} lists {lines} ids")
+
+
+def _copy_positions(handle: IO[bytes], shards: list[ShardFiles], total: int) -> None:
+    """Write ``positions.npy`` to ``handle``: an ``.npy`` header for ``[total]`` int32, then each shard's
+    positions in turn."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False, "shape": (total,)}
+    np.lib.format.write_array_header_1_0(handle, header)
+    for files in shards:
+        handle.write(np.ascontiguousarray(np.load(files.positions), dtype=np.int32).tobytes())
+
+
+def _write_index(out: Path, meta: dict, num_shards: int, description: str, quiet: bool) -> dict:
+    """Join the finished shards: ``ids.txt``, ``positions.npy``, ``shards.json``, then ``index.json``; every
+    file is streamed shard by shard (what is held is per shard)."""
+    shards, files, dim, no_caption = [], [], 0, 0
+    names: list[str] = []
+    samples: list[int] = []
+    rows: list[int] = []
+    units: list[int] = []
+    for s in range(num_shards):
+        f = shard_paths(out, s)
+        unit = json.loads(f.unit.read_text())
+        shape = np.load(f.features, mmap_mode="r").shape
+        n = int(shape[0])
+        dim = dim or (int(shape[1]) if n else 0)
+        if int(np.load(f.positions, mmap_mode="r").shape[0]) != n:
+            raise DataError(f"{f.features} has {n} rows but {f.positions} does not hold {n} positions")
+        if units and units[-1] == unit["unit"]:  # the next range of the same unit (an indexed source)
+            samples[-1] += unit["samples"]
+            rows[-1] += n
+        else:
+            units.append(unit["unit"])
+            names.append(unit["name"])
+            samples.append(unit["samples"])
+            rows.append(n)
+        no_caption += int(unit.get("no_caption", 0))
+        shards.append({"file": f.features.name, "ids": f.ids.name, "rows": n})
+        files.append(f)
+    total_samples, total_rows = sum(samples), sum(rows)
+    if not total_samples:
+        raise DataError(f"no images found in {description}")
+    counts = np.array(rows, np.int64)
+    table = ShardTable(names, np.array(samples, np.int64), np.cumsum(counts) - counts, counts)
+    atomic.write_stream(out / "ids.txt", lambda handle: _copy_ids(handle, shards, out))
+    atomic.write_stream(out / POSITIONS_FILE, lambda handle: _copy_positions(handle, files, total_rows))
+    table.save(out)
+    index = {
+        **meta,
+        "num_samples": total_samples,
+        "dim": dim,
+        "rows": total_rows,
+        "skipped": total_samples - total_rows,
+        "shards": shards,
+    }
+    atomic.write_json(out / "index.json", index)
+    if not quiet:
+        captions = f", {no_caption} of them without a caption" if no_caption else ""
+        print(
+            f"features: wrote {total_rows} x {dim} {meta['dtype']} to {out} ({index['skipped']} skipped{captions})",
+            file=sys.stderr,
+        )
+    return index
 
 
 def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
     """Run the features step; returns the index dict (also written to ``index.json``)."""
     info = dist.setup(cfg.device, timeout_hours=24)
-    source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
+    source = open_input(cfg)
+    streamed = isinstance(source, TarShards)
     cfg = replace(cfg, mode=resolve_mode(cfg, source, quiet or not info.is_main))
     out = Path(cfg.output_dir)
     meta = _fingerprint(cfg, source)
@@ -256,55 +549,40 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
                     p.unlink(missing_ok=True)
         atomic.write_json(meta_path, meta)
     dist.barrier()
-    num_shards = -(-len(source) // cfg.shard_size)
+    num_shards = len(source) if streamed else -(-len(source) // cfg.shard_size)
     mine = [s for s in range(num_shards) if s % info.world_size == info.rank]
-    todo = [s for s in mine if not shard_paths(out, s)[0].is_file()]
+    todo = [s for s in mine if not shard_paths(out, s).features.is_file()]
     if info.is_main and not quiet:
         origin = "raw pixels" if cfg.model == "pixels" else f"open_clip {cfg.model}"
         weights = (
             "" if cfg.model == "pixels" else f", weights: {cfg.pretrained or 'RANDOM INIT (no pretrained weights)'}"
         )
+        if streamed:
+            what = f"{source.description} ({len(source)} tars, streamed)"
+        else:
+            what = f"{len(source)} samples from {source.description}"
         print(
-            f"features: {len(source)} samples from {source.description}; {origin}{weights}; mode={cfg.mode}; "
-            f"{num_shards} shard(s), {sum(shard_paths(out, s)[0].is_file() for s in range(num_shards))} already done",
+            f"features: {what}; {origin}{weights}; mode={cfg.mode}; {num_shards} shard(s), "
+            f"{sum(shard_paths(out, s).features.is_file() for s in range(num_shards))} already done",
             file=sys.stderr,
         )
     if todo:
         encoder = _Encoder(cfg, info.device)
-        total = sum(min(cfg.shard_size, len(source) - s * cfg.shard_size) for s in todo)
-        with tqdm(total=total, desc="features", unit="img", disable=quiet or not info.is_main) as bar:
-            for s in todo:
-                start, end = s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(source))
-                array, kept = _extract_shard(cfg, source, encoder, start, end, bar)
-                npy, ids_path, src_path = shard_paths(out, s)
-                atomic.write_text(ids_path, "".join(source.records[i].id + "\n" for i in kept))
-                atomic.save_npy(src_path, np.array(kept, np.int64))
-                atomic.save_npy(npy, array)
+        bar_off = quiet or not info.is_main
+        if streamed:
+            with tqdm(desc="features", unit="img", disable=bar_off) as bar:
+                _extract_tars(cfg, source, encoder, todo, out, bar)
+        else:
+            unit = source.units[0][0]  # a folder or list file is one unit: positions are source indices
+            total = sum(min(cfg.shard_size, len(source) - s * cfg.shard_size) for s in todo)
+            with tqdm(total=total, desc="features", unit="img", disable=bar_off) as bar:
+                for s in todo:
+                    start, end = s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(source))
+                    _extract_shard(cfg, source, encoder, start, end, bar).write(out, s, 0, unit, end - start)
     dist.barrier()
     index: dict = {}
     if info.is_main:
-        shards, all_ids, sources, dim = [], [], [], 0
-        for s in range(num_shards):
-            npy, ids_path, src_path = shard_paths(out, s)
-            sources.append(np.load(src_path))
-            ids = ids_path.read_text(encoding="utf-8").splitlines()
-            arr = np.load(npy, mmap_mode="r")
-            if arr.shape[0] != len(ids):
-                raise DataError(f"{npy} has {arr.shape[0]} rows but {ids_path} lists {len(ids)} ids")
-            dim = dim or (arr.shape[1] if arr.shape[0] else 0)
-            shards.append({"file": npy.name, "ids": ids_path.name, "rows": len(ids)})
-            all_ids.extend(ids)
-        table, positions = shard_table(source, np.concatenate(sources))
-        atomic.save_npy(out / POSITIONS_FILE, positions)
-        table.save(out)
-        index = {**meta, "dim": int(dim), "rows": len(all_ids), "skipped": len(source) - len(all_ids), "shards": shards}
-        atomic.write_text(out / "ids.txt", "".join(i + "\n" for i in all_ids))
-        atomic.write_json(out / "index.json", index)
-        if not quiet:
-            print(
-                f"features: wrote {len(all_ids)} x {dim} {cfg.dtype} to {out} ({index['skipped']} skipped)",
-                file=sys.stderr,
-            )
+        index = _write_index(out, meta, num_shards, source.description, quiet)
     dist.barrier()
     return index
 

@@ -32,7 +32,6 @@ indexes them.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -42,10 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import atomic
-from .data import DataError, TarSample, iter_tar, seeded_transform
+from .data import DataError, TarSample, decode_image, iter_tar, seeded_transform
 
 TABLE_FILE, POSITIONS_FILE = "shards.json", "positions.npy"
 
@@ -285,13 +284,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             if sample is None or sample.error:
                 raise DataError(sample.error if sample else f"a sample of {self.shards[s]} is missing")
-            image = Image.open(io.BytesIO(sample.data))
-            image.load()
-            image, ok = image.convert("RGB"), True
-        except (DataError, OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            image, ok = decode_image(sample.data, sample.key, self.shards[s]), True
+        except DataError:
             if not self.skip_bad:
-                name = sample.key if sample else "?"
-                raise DataError(f"sample {name!r} of {self.shards[s]}: cannot decode image: {exc}") from exc
+                raise
             image, ok = Image.new("RGB", (32, 32)), False
         tensor = seeded_transform(self.transform, image, self.seed, self.epoch, key)
         return tensor, label if ok else -1, key, ok
