@@ -46,7 +46,9 @@ def _tuning_variants() -> dict[str, dict]:
     """
     from unicom_kernels.triton import TileConfig
 
+    wide = TileConfig(128, 128, 64, 8, 3)  # one block per SM (150-177 registers) against the default's two
     return {
+        "triton-tile128": dict(lse=wide, grad_logits=wide, grad_gemm=wide),
         "triton-flat": dict(flatten_forward=True),  # one software pipeline across class tiles
         "triton-fwd256": dict(lse=TileConfig(128, 256, 64, 8, 3), flatten_forward=True),  # wider forward tiles
         "triton-ws128M": dict(workspace_bytes=128 << 20),  # one backward chunk at shape A
