@@ -10,7 +10,9 @@ Transient memory is the peak of one forward + backward minus what exists without
 (inputs) and what it returns (loss and gradients). Every CSV row is written and flushed as soon
 as it is measured, so a run cut short keeps what it measured. The last lines are one
 ``PASS``/``FAIL`` per goal: forward <= 85 us, forward + backward <= 350 us (eager), transient
-memory <= 64 MB.
+memory <= 64 MB; after them, the tuning variants of ``benchmarks/bench_triton.py`` named by
+``--tuning`` (default: 128 x 128 tiles at one block per SM) are timed at K = 512 (forward +
+backward, CUDA graph), checked first, beside the default: A/B data, not judged.
 
 Usage: ``python benchmarks/gpu_goals.py --csv out.csv [--commit SHA] [--k 256 512] [--rep-ms 100]``.
 Exit status: 0 if every goal passes, 1 if one fails or a check fails, 2 without a CUDA device.
@@ -121,15 +123,19 @@ class Rows:
         self.file.flush()
 
 
+def _reference(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(loss, grad_x, grad_w)`` of the ``torch`` backend in float64."""
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    loss64 = loss_fn("torch")(x64, w64, target, torch.float64)
+    return (loss64.detach(), *torch.autograd.grad(loss64, (x64, w64)))
+
+
 def measure_k(k: int, rows: Rows, rep_ms: int) -> None:
     import triton.testing
 
     x, w, target = inputs(SHAPE_A["N"], SHAPE_A["n"], k)
-    fn, exact = loss_fn("triton"), loss_fn("torch")
-    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    loss64 = exact(x64, w64, target, torch.float64)
-    reference = (loss64.detach(), *torch.autograd.grad(loss64, (x64, w64)))
-    del x64, w64, loss64
+    fn = loss_fn("triton")
+    reference = _reference(x, w, target)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
     def forward() -> tuple[torch.Tensor, ...]:
@@ -156,6 +162,36 @@ def measure_k(k: int, rows: Rows, rep_ms: int) -> None:
             except Exception as exc:  # one broken variant must not cost the others their rows
                 rows.add(K=k, variant=variant, mode=mode, check="FAIL", error=f"{type(exc).__name__}: {exc}"[:200])
     rows.add(K=k, variant="memory", mode="eager", check="ok", transient_mb=transient_mb(fn, x, w, target))
+
+
+def measure_tuning(k: int, rows: Rows, rep_ms: int, names: tuple[str, ...]) -> None:
+    """Forward + backward replayed from a CUDA graph under the configs of ``benchmarks/bench_triton.py``'s
+    tuning variants ``names`` (A/B data beside the default's rows), each checked against float64 first."""
+    import triton.testing
+
+    from benchmarks.bench_triton import _tuning_variants
+    from unicom_kernels.triton import override_configs
+
+    x, w, target = inputs(SHAPE_A["N"], SHAPE_A["n"], k)
+    reference, fn = _reference(x, w, target), loss_fn("triton")
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        loss = fn(xg, wg, target, torch.bfloat16)
+        return (loss.detach(), *torch.autograd.grad(loss, (xg, wg)))
+
+    for name in names:
+        variant = f"forward_backward[{name}]"
+        try:
+            with override_configs(**_tuning_variants()[name]):
+                errs = errors(graphed(forward_backward)(), reference)
+                if not passes(errs):
+                    rows.add(K=k, variant=variant, mode="graph", check="FAIL", **errs)
+                    continue
+                median = triton.testing.do_bench_cudagraph(forward_backward, rep=rep_ms, return_mode="median")
+            rows.add(K=k, variant=variant, mode="graph", check="ok", median_us=median * 1e3, **errs)
+        except Exception as exc:
+            rows.add(K=k, variant=variant, mode="graph", check="FAIL", error=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def goal_lines(rows: list[dict]) -> list[tuple[bool, str]]:
@@ -186,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"), help="the commit measured")
     parser.add_argument("--k", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument(
+        "--tuning", nargs="*", default=["triton-tile128"],
+        help="bench_triton tuning variants timed at K=512 after the verdicts (A/B data; not judged)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_goals: no CUDA device is visible; nothing measured", file=sys.stderr)
@@ -202,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     failed_checks = any(r["check"] == "FAIL" for r in rows.rows)
     results = goal_lines(rows.rows)
     for _, line in results:
-        print(line)
+        print(line, flush=True)
+    # After the verdicts, so that a slot running out of time cuts these rows, not the verdicts.
+    measure_tuning(GOAL_K, rows, args.rep_ms, tuple(args.tuning))
     return 0 if all(ok for ok, _ in results) and not failed_checks else 1
 
 
