@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unicom_kernels.ops import triton_op
-from unicom_kernels.triton import override_configs
+from unicom_kernels.triton import lse_forward, override_configs
 
 try:
     from tests.largest_tensor import LargestTensor
@@ -156,6 +156,26 @@ def test_shared_targets_scatter():
             _check(x, w, target, **_kw(torch.float32, margin_type="cosface", margin_grad=margin_grad))
 
 
+def test_large_batches_group_the_rows_by_a_sort():
+    """Above ``group_compare_rows`` the forward sorts the rows instead of comparing every pair:
+    the same stable order, so bitwise the same loss and gradients."""
+    x, w, _ = _inputs(45, 50, 20, seed=25)
+    target = torch.tensor([3] * 20 + [17] * 10 + [-1] * 5 + [49] * 5 + [0] * 5)[torch.randperm(45)]
+    kw = _kw(torch.bfloat16, margin_grad="exact")
+    with override_configs(block=16, workspace_bytes=45 * 16 * 4):
+        compared = _run(x, w, target, **kw)
+        with override_configs(group_compare_rows=44):
+            sorted_ = _run(x, w, target, **kw)
+    for a, b in zip(compared, sorted_, strict=True):
+        assert torch.equal(a, b)
+    # Both groupings are the stable sort by target, rows without one last.
+    want_key, want_order = torch.sort(torch.where(target >= 0, target, 50), stable=True)
+    for rows in (45, 44):  # compared in the kernel; sorted on the host
+        with override_configs(block=16, group_compare_rows=rows):
+            stats = lse_forward(x, w, target, scale=64.0, margin=0.5, margin_type="arcface", margin_grad="exact")
+        assert torch.equal(stats.order, want_order) and torch.equal(stats.sorted_key, want_key)
+
+
 def test_all_rows_ignored():
     x, w, _ = _inputs(10, 30, 16, seed=6)
     target = torch.full((10,), -1)
@@ -254,7 +274,6 @@ def test_bf16_shape_of_shape_a_semantics():
 def test_target_logit_kernel_matches_margin_module(margin_type, margin_grad):
     """The fused kernel's margin formulas are those of unicom_kernels.margin, at +-1 and beyond too."""
     from unicom_kernels.margin import target_logit as reference_target_logit
-    from unicom_kernels.triton import lse_forward
 
     # Rows x = (c, sqrt(1 - c^2)) against the prototype e_0: raw cosine c exactly, |c| <= 1;
     # plus rows scaled by 1 + 2^-20 so that |raw| > 1 (outside the clamp: zero slope).

@@ -156,9 +156,11 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
             )
     for dtype, _ in variants[:3]:  # the operand dtypes
         p = _PTR[dtype]
-        for margin_code in (0, 1, 2):
+        # Every margin with the in-kernel grouping; the sorted variant (large N) once: the two
+        # choices touch different code.
+        for margin_code, group in ((0, True), (1, True), (2, True), (0, False)):
             yield Spec(
-                f"lse_combine[{str(dtype).removeprefix('torch.')},margin={margin_code}]",
+                f"lse_combine[{str(dtype).removeprefix('torch.')},margin={margin_code},group={int(group)}]",
                 _lse_combine_kernel,
                 dict(
                     max_ptr=f32p,
@@ -188,6 +190,7 @@ def specs(configs: Configs = GPU_CONFIGS, variants=VARIANTS) -> Iterator[Spec]:
                 dict(
                     MARGIN=margin_code,
                     EXACT=True,
+                    GROUP=group,
                     BLOCK=configs.combine_block,
                     BLOCK_K=128,
                     BLOCK_G=configs.group_block,

@@ -52,6 +52,10 @@ class Configs:
         combine_block: rows per program of the kernel that merges the forward partials (it
             also reads each row and its target prototype: 32 rows keep 128 programs at N = 4096).
         group_block: rows compared per step when the forward groups the rows by class.
+        group_compare_rows: the most rows the forward groups by comparing every pair (``N^2``
+            comparisons in its combine kernel, no launch of their own); larger batches use
+            ``torch.sort`` (a few launches, ``O(N)``). An estimate: at 8192 rows the comparisons
+            cost about as much as the sort's launches on an H100 (not measured).
         flatten_forward: ``tl.range(..., flatten=True)`` on the forward's class-tile loop
             (one software pipeline across tiles instead of one per tile). Off until measured:
             it compiles with triton 3.8 (and uses fewer registers there), but is unverified
@@ -75,6 +79,7 @@ class Configs:
     fp32_ieee: TileConfig = TileConfig(128, 64, 16, num_warps=8, num_stages=2)
     combine_block: int = 32
     group_block: int = 128
+    group_compare_rows: int = 8192
     flatten_forward: bool = False
     target_programs: int = 1056
     workspace_bytes: int = 40 << 20

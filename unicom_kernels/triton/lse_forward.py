@@ -15,7 +15,8 @@ Three kernels:
    ``S`` partials merged in split order (fixed order: deterministic, no atomics) into
    ``LSE_i``, the per-row loss ``LSE_i - z_t`` (0 for ignored rows) and the target
    coefficient of the backward ``t_i = (exp(z_t - LSE_i) - 1) * dz_dc_i`` (0 for ignored
-   rows); and the rows grouped by class for the backward (:func:`.target_logit.group_rows`).
+   rows); and the rows grouped by class for the backward (:func:`.target_logit.group_rows`;
+   above ``Configs.group_compare_rows`` rows ``torch.sort`` does that after the kernel).
 3. ``_loss_finalize_kernel`` (one program) averages the row losses in a fixed order.
 
 With the normalisation of both operands (:mod:`.unit_rows`), the mean loss takes four
@@ -170,6 +171,7 @@ def _lse_combine_kernel(
     sin_floor,
     MARGIN: tl.constexpr,
     EXACT: tl.constexpr,
+    GROUP: tl.constexpr,  # group the rows by class here (else the host sorts them)
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -197,7 +199,8 @@ def _lse_combine_kernel(
     tl.store(tcoef_ptr + offs, tl.where(valid, (p_t - 1.0) * dz_dc, 0.0), mask=ok)
     tl.store(zt_ptr + offs, tl.where(valid, z_t, 0.0), mask=ok)
     tl.store(dzdc_ptr + offs, dz_dc, mask=ok)
-    group_rows(target_ptr, offs, ok, target, N, n, order_ptr, key_ptr, BLOCK, BLOCK_G)
+    if GROUP:
+        group_rows(target_ptr, offs, ok, target, N, n, order_ptr, key_ptr, BLOCK, BLOCK_G)
 
 
 @triton.jit
@@ -302,6 +305,7 @@ def lse_forward(
         *(torch.empty(N, dtype=torch.float32, device=xc.device) for _ in range(5)),
         *(torch.empty(N, dtype=torch.int64, device=xc.device) for _ in range(2)),
     )
+    group = N <= cfg.group_compare_rows
     _lse_combine_kernel[(triton.cdiv(N, cfg.combine_block),)](
         part_max,
         part_sum,
@@ -316,9 +320,13 @@ def lse_forward(
         xc.stride(0),
         wc.stride(0),
         **margin_args,
+        GROUP=group,
         BLOCK=cfg.combine_block,
         BLOCK_K=min(128, triton.next_power_of_2(max(K, 16))),
         BLOCK_G=cfg.group_block,
         num_warps=4,
     )
+    if not group:  # the same stable order, by a sort: O(N) where N^2 comparisons would cost more
+        sorted_key, order = torch.sort(torch.where(target >= 0, target, n), stable=True)
+        stats = stats._replace(order=order, sorted_key=sorted_key)
     return stats
