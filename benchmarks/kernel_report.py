@@ -145,6 +145,10 @@ def print_model(m: dict) -> None:
         f"{t['forward_model_us_at_goal_eff']:.0f} us, forward+backward {t['step_model_us_at_goal_eff']:.0f} us; "
         f"the GEMM passes alone at {t['goal_eff']:.0%}, perfect waves, no launch: {t['step_gemm_floor_us']:.0f} us"
     )
+    print(
+        f"  K={m['K']} transient memory of forward + backward (the launchers' allocations, counted on the CPU): "
+        f"{t['transient_mb']:.1f} MB (goal {t['goal_transient_mb']:.0f} MB)"
+    )
 
 
 def main() -> int:

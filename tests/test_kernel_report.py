@@ -79,6 +79,10 @@ def test_totals_beside_goals(report):
     assert totals["forward_triton_launches"] == 4 and totals["forward_torch_launches"] == 0
     assert totals["backward_triton_launches"] == 7 and totals["backward_torch_launches"] == 1
     assert totals["step_gemm_floor_us"] < totals["step_model_us_at_goal_eff"]
+    # The launchers' allocations beyond the inputs and the returned loss and gradients: the
+    # workspace and the unit rows kept for the backward, under the goal.
+    for t in (r for r in rows if r["kind"] == "model_totals"):
+        assert 30 < t["transient_mb"] <= t["goal_transient_mb"] == 64, t
     assert "modelled, not measured" in stdout and "MODEL" in stdout
     assert "goal 85 us" in stdout and "goal 350 us" in stdout
 
