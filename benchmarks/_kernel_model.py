@@ -5,7 +5,8 @@ Nothing here is measured on a GPU. The launches are the launchers' own: the publ
 tensors of the real shape with the GPU configs, and every Triton launch is intercepted
 (recorded, not run: ``JITFunction.run`` is replaced), so grids, splits, chunks, tiles and
 constexprs come from the launcher code itself. A ``TorchDispatchMode`` records the torch
-glue around them (normalisation, casts, sort, ...). Each distinct launched specialisation
+glue around them (casts, sorts, the autograd seed, ...) and the bytes of every tensor the
+step allocates while its Python object lives, for the peak. Each distinct launched specialisation
 is compiled for sm_90 (:func:`unicom_kernels.triton.aot.report`) for its registers, shared
 memory and pipelining. The time model on top of that uses only the constants below.
 

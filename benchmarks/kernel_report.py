@@ -10,7 +10,9 @@ flight across waits (``cp.async.wait_group N``, N > 0: a software-pipelined loop
 Then, for each ``--k``, the model of :mod:`benchmarks._kernel_model`: every launch of one
 forward + backward at shape A (N = 4096, n = 12,500, bf16, s = 64, m = 0.5) as the launchers
 make it, with the sm_90 compile of each, occupancy, waves, FLOPs, ideal HBM bytes, the torch
-glue, and a modelled (not measured) time beside the goals.
+glue, a modelled (not measured) time beside the goals (with the tensor cores at the model's
+efficiency ladder, and at a flat 65 % with the floor of the GEMM passes alone), and the
+transient memory of the step from the launchers' own allocations.
 
 Usage: ``python benchmarks/kernel_report.py [--arch 80 90] [--json out.jsonl] [--filter bf16]
 [--k 256 512] [--model-only | --no-model]``
