@@ -45,6 +45,9 @@ MAX_BLOCKS_PER_SM = 32
 # --- Throughput assumptions of the time model (not measurements).
 PEAK_TENSOR_FLOPS = 989e12  # dense bf16/fp16 tensor-core peak of an H100 SXM / H200
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e
+# Integer work off the tensor cores (the forward's row grouping): 64 INT32 lanes per SM at
+# 1.75 GHz, all SMs busy only when the grid has a program for each.
+INT_OPS_PER_S = SMS * 64 * 1.75e9
 LAUNCH_S = 4e-6  # eager launch cost per kernel (Python + driver), paid by every launch
 # Fraction of the tensor-core peak a GEMM kernel reaches:
 EFF_PIPELINED = 0.70  # wgmma fed by multi-stage cp.async, >= 2 blocks/SM hide each other's epilogue
@@ -244,6 +247,15 @@ def gemm_flops(launch: Launch) -> int:
     return 0
 
 
+def int_ops(launch: Launch) -> int:
+    """Integer operations off the tensor cores that can dominate a launch: the combine kernel's
+    row grouping compares every pair of rows (an int64 compare and an add, about 3 ops)."""
+    a = launch.args
+    if launch.kernel == "lse_combine" and a["GROUP"]:
+        return 3 * a["N"] * a["N"]
+    return 0
+
+
 def ideal_bytes(launch: Launch) -> int:
     """Ideal minimum HBM traffic of a launch: every operand element read once, every result written once."""
     a, kernel = launch.args, launch.kernel
@@ -284,11 +296,12 @@ def efficiency(loads_pipelined: bool, blocks: int) -> float:
     return EFF_PIPELINED if blocks >= 2 else EFF_PIPELINED_ONE_BLOCK
 
 
-def _seconds(flops: int, hbm: int, launches: int, wave_eff: float, eff: float | None) -> float:
+def _seconds(flops: int, hbm: int, ints: float, launches: int, wave_eff: float, eff: float | None) -> float:
     """Modelled time: tensor-core work at ``eff`` (None: no tensor-core work) over the wave
-    efficiency, or the minimum traffic, whichever is longer, plus the launches."""
+    efficiency, the minimum traffic, or the integer work ``ints`` (seconds), whichever is
+    longest, plus the launches."""
     math_s = flops / (PEAK_TENSOR_FLOPS * eff) / wave_eff if eff is not None else 0.0
-    return max(math_s, hbm / HBM_BYTES_PER_S) + LAUNCH_S * launches
+    return max(math_s, hbm / HBM_BYTES_PER_S, ints) + LAUNCH_S * launches
 
 
 def kernel_rows(rec: Recording, arch: int = ARCH) -> list[dict[str, object]]:
@@ -309,7 +322,8 @@ def kernel_rows(rec: Recording, arch: int = ARCH) -> list[dict[str, object]]:
         hbm = sum(ideal_bytes(x) for x in launches)
         tensor_core = compiled["wgmma"] or compiled["mma"]
         eff = efficiency(compiled["loads_pipelined"], blocks) if tensor_core else None
-        seconds = _seconds(flops, hbm, len(launches), wave_eff, eff)
+        ints = sum(int_ops(x) for x in launches) / (INT_OPS_PER_S * min(1.0, programs / SMS))
+        seconds = _seconds(flops, hbm, ints, len(launches), wave_eff, eff)
         rows.append(
             dict(
                 phase=phase,
@@ -335,7 +349,10 @@ def kernel_rows(rec: Recording, arch: int = ARCH) -> list[dict[str, object]]:
                 hbm_bytes_ideal=hbm,
                 tc_efficiency=eff,
                 model_us=seconds * 1e6,
-                model_us_at_goal_eff=_seconds(flops, hbm, len(launches), wave_eff, EFF_GOAL if tensor_core else None)
+                int_us=ints * 1e6,
+                model_us_at_goal_eff=_seconds(
+                    flops, hbm, ints, len(launches), wave_eff, EFF_GOAL if tensor_core else None
+                )
                 * 1e6,
             )
         )

@@ -116,7 +116,8 @@ def print_model(m: dict) -> None:
     print(f"\nshape A ({shape}, K={m['K']}, bf16 operands), sm_{M.ARCH} with {M.SMS} SMs -- MODEL, not measured")
     print(
         f"  time = max(FLOP / ({M.PEAK_TENSOR_FLOPS / 1e12:.0f} TFLOP/s x tc_eff) / wave_eff, MB_min / "
-        f"{M.HBM_BYTES_PER_S / 1e12:.1f} TB/s) + {M.LAUNCH_S * 1e6:.0f} us per launch; tc_eff = "
+        f"{M.HBM_BYTES_PER_S / 1e12:.1f} TB/s, integer ops / {M.INT_OPS_PER_S / 1e12:.1f} Tops/s) + "
+        f"{M.LAUNCH_S * 1e6:.0f} us per launch; tc_eff = "
         f"{M.EFF_PIPELINED} pipelined at >= 2 blk/SM, {M.EFF_PIPELINED_ONE_BLOCK} at 1 blk/SM, "
         f"{M.EFF_NOT_PIPELINED} unpipelined"
     )
