@@ -130,68 +130,70 @@ def _reference(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> tuple[
     return (loss64.detach(), *torch.autograd.grad(loss64, (x64, w64)))
 
 
-def measure_k(k: int, rows: Rows, rep_ms: int) -> None:
+def _forward_backward(fn: Callable, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> Callable:
+    """A training step's loss work on copies of ``x``, ``w``: ``() -> (loss, grad_x, grad_w)``."""
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def step() -> tuple[torch.Tensor, ...]:
+        loss = fn(xg, wg, target, torch.bfloat16)
+        return (loss.detach(), *torch.autograd.grad(loss, (xg, wg)))
+
+    return step
+
+
+def _check_and_time(
+    rows: Rows, k: int, variant: str, mode: str, body: Callable, reference: tuple[torch.Tensor, ...], rep_ms: int
+) -> None:
+    """One row: ``body`` (eager, or replayed from a CUDA graph) checked against ``reference``, then timed
+    if it passes. A failure of any kind becomes a FAIL row, so one broken variant costs no other its row."""
     import triton.testing
 
+    try:
+        run = graphed(body) if mode == "graph" else body
+        errs = errors(run(), reference)
+        if not passes(errs):
+            rows.add(K=k, variant=variant, mode=mode, check="FAIL", **errs)
+            return
+        if mode == "graph":
+            median = triton.testing.do_bench_cudagraph(body, rep=rep_ms, return_mode="median")
+        else:
+            median = triton.testing.do_bench(body, warmup=10, rep=rep_ms, return_mode="median")
+        rows.add(K=k, variant=variant, mode=mode, check="ok", median_us=median * 1e3, **errs)
+    except Exception as exc:
+        rows.add(K=k, variant=variant, mode=mode, check="FAIL", error=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def measure_k(k: int, rows: Rows, rep_ms: int) -> None:
     x, w, target = inputs(SHAPE_A["N"], SHAPE_A["n"], k)
     fn = loss_fn("triton")
     reference = _reference(x, w, target)
-    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
     def forward() -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
             return (fn(x, w, target, torch.bfloat16),)
 
-    def forward_backward() -> tuple[torch.Tensor, ...]:
-        loss = fn(xg, wg, target, torch.bfloat16)
-        return (loss.detach(), *torch.autograd.grad(loss, (xg, wg)))
-
-    for variant, body in (("forward", forward), ("forward_backward", forward_backward)):
+    step = _forward_backward(fn, x, w, target)
+    for variant, body, wanted in (("forward", forward, 1), ("forward_backward", step, 3)):
         for mode in ("eager", "graph"):
-            try:
-                run = graphed(body) if mode == "graph" else body
-                errs = errors(run(), reference[: 1 if variant == "forward" else 3])
-                if not passes(errs):
-                    rows.add(K=k, variant=variant, mode=mode, check="FAIL", **errs)
-                    continue
-                if mode == "graph":
-                    median = triton.testing.do_bench_cudagraph(body, rep=rep_ms, return_mode="median")
-                else:
-                    median = triton.testing.do_bench(body, warmup=10, rep=rep_ms, return_mode="median")
-                rows.add(K=k, variant=variant, mode=mode, check="ok", median_us=median * 1e3, **errs)
-            except Exception as exc:  # one broken variant must not cost the others their rows
-                rows.add(K=k, variant=variant, mode=mode, check="FAIL", error=f"{type(exc).__name__}: {exc}"[:200])
+            _check_and_time(rows, k, variant, mode, body, reference[:wanted], rep_ms)
     rows.add(K=k, variant="memory", mode="eager", check="ok", transient_mb=transient_mb(fn, x, w, target))
 
 
 def measure_tuning(k: int, rows: Rows, rep_ms: int, names: tuple[str, ...]) -> None:
     """Forward + backward replayed from a CUDA graph under the configs of ``benchmarks/bench_triton.py``'s
     tuning variants ``names`` (A/B data beside the default's rows), each checked against float64 first."""
-    import triton.testing
-
     from benchmarks.bench_triton import _tuning_variants
     from unicom_kernels.triton import override_configs
 
     x, w, target = inputs(SHAPE_A["N"], SHAPE_A["n"], k)
-    reference, fn = _reference(x, w, target), loss_fn("triton")
-    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-
-    def forward_backward() -> tuple[torch.Tensor, ...]:
-        loss = fn(xg, wg, target, torch.bfloat16)
-        return (loss.detach(), *torch.autograd.grad(loss, (xg, wg)))
-
+    reference, step = _reference(x, w, target), _forward_backward(loss_fn("triton"), x, w, target)
+    variants = _tuning_variants()
     for name in names:
-        variant = f"forward_backward[{name}]"
-        try:
-            with override_configs(**_tuning_variants()[name]):
-                errs = errors(graphed(forward_backward)(), reference)
-                if not passes(errs):
-                    rows.add(K=k, variant=variant, mode="graph", check="FAIL", **errs)
-                    continue
-                median = triton.testing.do_bench_cudagraph(forward_backward, rep=rep_ms, return_mode="median")
-            rows.add(K=k, variant=variant, mode="graph", check="ok", median_us=median * 1e3, **errs)
-        except Exception as exc:
-            rows.add(K=k, variant=variant, mode="graph", check="FAIL", error=f"{type(exc).__name__}: {exc}"[:200])
+        if name not in variants:
+            rows.add(K=k, variant=f"forward_backward[{name}]", mode="graph", check="FAIL", error="no such variant")
+            continue
+        with override_configs(**variants[name]):
+            _check_and_time(rows, k, f"forward_backward[{name}]", "graph", step, reference, rep_ms)
 
 
 def goal_lines(rows: list[dict]) -> list[tuple[bool, str]]:
