@@ -171,14 +171,18 @@ def _scattered(
 
 
 @triton.jit
-def _count_below(key_ptr, Q, bound, BLOCK_S: tl.constexpr):
-    """Number of entries of the ascending ``key [Q]`` below ``bound``."""
+def _positions_between(key_ptr, Q, low, high, BLOCK_S: tl.constexpr):
+    """``(begin, end)``: how many entries of the ascending ``key [Q]`` lie below ``low`` and below
+    ``high``, from one pass over the keys."""
     offs = tl.arange(0, BLOCK_S)
-    count = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    below_low = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    below_high = tl.zeros((BLOCK_S,), dtype=tl.int32)
     for s0 in range(0, Q, BLOCK_S):
         q = s0 + offs
-        count += ((tl.load(key_ptr + q, mask=q < Q, other=0) < bound) & (q < Q)).to(tl.int32)
-    return tl.sum(count, axis=0)
+        key = tl.load(key_ptr + q, mask=q < Q, other=high)  # past Q: counted by neither
+        below_low += (key < low).to(tl.int32)
+        below_high += (key < high).to(tl.int32)
+    return tl.sum(below_low, axis=0), tl.sum(below_high, axis=0)
 
 
 @triton.jit
@@ -262,8 +266,7 @@ def _row_block_grad(
     q_begin = 0
     q_end = 0
     if not GATHER:  # this block's sources: the sorted positions whose key is one of its rows
-        q_begin = _count_below(key_ptr, Q, first, BLOCK_S)
-        q_end = _count_below(key_ptr, Q, tl.minimum(first + BLOCK_R, R), BLOCK_S)
+        q_begin, q_end = _positions_between(key_ptr, Q, first, tl.minimum(first + BLOCK_R, R), BLOCK_S)
     offs_k = tl.arange(0, BLOCK_K)
     dots = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
