@@ -9,12 +9,13 @@ fake implementation giving its output shapes) and autograd works in eager and co
 code alike:
 
 - ``unicom_kernels::triton_margin_softmax(x, w, target, scale, margin, margin_type,
-  margin_grad, compute_dtype) -> (loss, lse, tcoef, count, *operands)``: the mean loss.
+  margin_grad, compute_dtype) -> (loss, lse, tcoef, count, *saved)``: the mean loss.
   ``lse`` and ``tcoef = (p_t - 1) dz_t/dc`` (``[N]`` fp32, 0 for ignored rows), ``count``
-  (0-dim fp32, the rows with a target, at least 1) and ``operands = (xc, x_norm, wc,
-  w_norm)`` (the unit rows the GEMMs read and their fp32 norms) serve the backward; they
-  are non-differentiable and :func:`margin_softmax_loss` returns only ``loss``.
-- ``unicom_kernels::triton_lse_and_target(...same...) -> (lse, z_t, dz_dc, *operands)``:
+  (0-dim fp32, the rows with a target, at least 1) and ``saved = (xc, x_norm, wc, w_norm,
+  order, sorted_key)`` (the unit rows the GEMMs read, their fp32 norms, and the rows grouped
+  by class) serve the backward; they are non-differentiable and :func:`margin_softmax_loss`
+  returns only ``loss``.
+- ``unicom_kernels::triton_lse_and_target(...same...) -> (lse, z_t, dz_dc, *saved)``:
   per-row log-sum-exp and margined target logit (0 without a target); the rest is for the
   backward.
 - ``unicom_kernels::triton_margin_softmax_backward(x, w, *saved, target, lse, tcoef, gscale,
@@ -58,6 +59,11 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
 
 
+def _k_pad(k: int) -> int:
+    """The operands' padded width: ``k`` rounded up to a multiple of 16 (see :func:`_operands`)."""
+    return -(-k // 16) * 16
+
+
 def _operands(
     x: Tensor, w: Tensor, compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -70,8 +76,7 @@ def _operands(
     the K loop (it specialises integer arguments on divisibility by 16).
     """
     storage_dtype = storage_dtype or compute_dtype
-    k_pad = -(-x.shape[1] // 16) * 16
-    return unit_rows(x.detach(), w.detach(), compute_dtype, storage_dtype, k_pad)
+    return unit_rows(x.detach(), w.detach(), compute_dtype, storage_dtype, _k_pad(x.shape[1]))
 
 
 def _backward_storage(compute_dtype: torch.dtype, row_weights_vary: bool) -> torch.dtype:
@@ -105,7 +110,7 @@ def _saved_fakes(x: Tensor, w: Tensor, compute_dtype: torch.dtype, row_weights_v
     """Fake ``(xc, x_norm, wc, w_norm, order, sorted_key)`` of :func:`_forward`."""
     storage = _backward_storage(compute_dtype, row_weights_vary)
     (N, k), n = x.shape, w.shape[0]
-    k_pad = -(-k // 16) * 16
+    k_pad = _k_pad(k)
     return (
         x.new_empty((N, k_pad), dtype=storage),
         x.new_empty((N,), dtype=torch.float32),
@@ -308,8 +313,7 @@ def _check(x: Tensor, w: Tensor, target: Tensor, compute_dtype: torch.dtype) -> 
     if x.shape[0] == 0 or w.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"the triton kernels need N, n, k >= 1; got x {tuple(x.shape)}, w {tuple(w.shape)}")
     # The kernels address elements with int32 offsets: row * stride + column, k padded to 16.
-    k_pad = -(-x.shape[1] // 16) * 16
-    largest = max(x.shape[0], w.shape[0]) * k_pad
+    largest = max(x.shape[0], w.shape[0]) * _k_pad(x.shape[1])
     if largest >= _INT32_LIMIT:
         raise ValueError(
             f"the triton kernels address at most 2^31 elements per operand; rows x padded dims = {largest} "
