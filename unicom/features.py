@@ -69,7 +69,8 @@ from .model import eval_transform, load_clip, pixel_transform
 from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 MODES = ("auto", "joint", "image", "text")
-CAPTION_MODES = ("joint", "text")
+CAPTION_MODES = ("joint", "text")  # modes that read captions
+IMAGE_MODES = ("joint", "image")  # modes that decode images
 LAYOUT = 3  # per-shard positions and unit files; folders of an older layout are recomputed
 
 
@@ -322,8 +323,7 @@ def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]
 
 def _extract_shard(cfg: FeaturesConfig, source: Source, encoder: _Encoder, start: int, end: int, bar: tqdm) -> _Rows:
     """The rows of the samples ``[start, end)`` of an indexed source that could be read."""
-    needs_image = cfg.mode in ("joint", "image")
-    needs_text = cfg.mode in ("joint", "text")
+    needs_image, needs_text = cfg.mode in IMAGE_MODES, cfg.mode in CAPTION_MODES
     rows = _Rows(cfg.dtype)
     ids = [r.id for r in source.records[start:end]]
     indices = list(range(start, end))
@@ -388,7 +388,7 @@ class _TarBatches(torch.utils.data.IterableDataset):
             yield from self._tar(s)
 
     def _new(self, s: int) -> _TarBatch:
-        needs_image, needs_text = self.mode in ("joint", "image"), self.mode in CAPTION_MODES
+        needs_image, needs_text = self.mode in IMAGE_MODES, self.mode in CAPTION_MODES
         return _TarBatch(s, [] if needs_image else None, [] if needs_text else None)
 
     def _done(self, batch: _TarBatch) -> _TarBatch:
