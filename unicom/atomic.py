@@ -48,7 +48,10 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def write_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` atomically by calling ``write(handle)`` on a binary handle of a temporary
+    file beside it, then renaming (contents produced piece by piece need never be held whole);
+    every writer below goes through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
@@ -67,15 +70,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path
     return path
 
 
-def write_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` atomically by calling ``write(handle)`` on a binary handle of a temporary
-    file (for contents produced piece by piece, never held whole)."""
-    return _atomic(path, write)
-
-
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return _atomic(path, lambda h: h.write(data))
+    return write_stream(path, lambda h: h.write(data))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -91,12 +88,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def copy_file(src: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Copy the file ``src`` to ``path`` atomically, streamed (a file of any size, little memory)."""
     with open(src, "rb") as source:
-        return _atomic(path, lambda h: shutil.copyfileobj(source, h, 1 << 20))
+        return write_stream(path, lambda h: shutil.copyfileobj(source, h, 1 << 20))
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Save one array in ``.npy`` format atomically (``path`` is used as given, no suffix added)."""
-    return _atomic(path, lambda h: np.save(h, np.ascontiguousarray(array), allow_pickle=False))
+    return write_stream(path, lambda h: np.save(h, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> Path:
