@@ -252,7 +252,7 @@ class ForwardStats(NamedTuple):
 def lse_forward(
     xc: Tensor, wc: Tensor, target: Tensor, *, scale: float, margin: float, margin_type: str, margin_grad: str
 ) -> ForwardStats:
-    """Run the fused forward: two launches.
+    """Run the fused forward: two launches (and a sort above ``Configs.group_compare_rows`` rows).
 
     Args:
         xc: ``[N, k]`` embeddings in the compute dtype, unit stride along ``k``.
