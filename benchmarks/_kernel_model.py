@@ -401,14 +401,54 @@ def totals(kernels: list[dict], glue: list[dict]) -> dict[str, object]:
     return out
 
 
+def design_bounds(N: int, n: int, k: int) -> dict[str, object]:
+    """Lower bounds, in this model, on any design that meets the memory goal without atomics.
+
+    The forward needs one GEMM pass and a second launch to merge its class splits (one
+    program per row block over every class would leave most SMs idle; a grid-wide merge in
+    the same launch needs atomics). The backward needs the softmax ``p``: ``N x n`` values,
+    at least 2 bytes each (8 bits would be coarser than eager bf16). Where that exceeds the
+    memory goal it cannot be kept from the forward, so it is recomputed (one more GEMM pass)
+    chunk by chunk: two launches per chunk (the gradient GEMMs read a chunk that the other
+    programs of the recomputing launch write; two alternating workspaces would let one launch
+    recompute a chunk while reducing the previous one, but each is then half as large, so
+    that is no fewer launches). Autograd adds one launch, the seed gradient.
+
+    Returns the forward and step floors (GEMMs at ``EFF_GOAL`` with perfect waves, plus
+    ``LAUNCH_S`` per launch, nothing else), the launch counts behind them, and the step
+    floor of the one route these bounds leave open: keeping from the forward the share of
+    ``p`` that fits the memory goal, which saves that share of the recompute pass.
+    """
+    gemm_pass_us = 2 * N * n * k / (PEAK_TENSOR_FLOPS * EFF_GOAL) * 1e6
+    softmax_bytes = 2 * N * n
+    goal_bytes = GOAL_TRANSIENT_MB * 1e6
+    forward_launches = 2
+    backward_launches = 2 * math.ceil(softmax_bytes / goal_bytes) + 1
+    launches_us = (forward_launches + backward_launches) * LAUNCH_S * 1e6
+    kept = min(1.0, goal_bytes / softmax_bytes)
+    recompute = softmax_bytes > goal_bytes
+    return dict(
+        softmax_mb=softmax_bytes / 1e6,
+        bound_recomputes=recompute,
+        bound_forward_launches=forward_launches,
+        bound_backward_launches=backward_launches,
+        bound_forward_us=gemm_pass_us + forward_launches * LAUNCH_S * 1e6,
+        bound_step_us=(4 if recompute else 3) * gemm_pass_us + launches_us,
+        bound_kept_share=kept,
+        bound_step_keeping_us=(4 - kept) * gemm_pass_us + launches_us,
+    )
+
+
 def model(k: int, shape: dict[str, object] = SHAPE_A) -> dict[str, object]:
     """The whole model at ``shape`` with ``k`` kept dims: kernel rows, glue rows and totals."""
     shape = dict(shape)
-    rec = record_step(shape.pop("N"), shape.pop("n"), k, **shape)
+    N, n = shape.pop("N"), shape.pop("n")
+    rec = record_step(N, n, k, **shape)
     kernels, glue = kernel_rows(rec), glue_rows(rec)
     out = totals(kernels, glue)
     # The launchers' own allocations, counted on the CPU (a GPU's caching allocator adds its
     # rounding): the peak of forward + backward beyond the inputs and what the step returns.
     out["transient_mb"] = (rec.peak_bytes - rec.returned_bytes) / 1e6
     out["goal_transient_mb"] = GOAL_TRANSIENT_MB
+    out.update(design_bounds(N, n, k))
     return dict(K=k, kernels=kernels, glue=glue, totals=out)

@@ -11,8 +11,10 @@ Then, for each ``--k``, the model of :mod:`benchmarks._kernel_model`: every laun
 forward + backward at shape A (N = 4096, n = 12,500, bf16, s = 64, m = 0.5) as the launchers
 make it, with the sm_90 compile of each, occupancy, waves, FLOPs, ideal HBM bytes, the torch
 glue, a modelled (not measured) time beside the goals (with the tensor cores at the model's
-efficiency ladder, and at a flat 65 % with the floor of the GEMM passes alone), and the
-transient memory of the step from the launchers' own allocations.
+efficiency ladder, and at a flat 65 % with the floor of the GEMM passes alone), the floor of
+any design that recomputes the softmax within the memory goal
+(:func:`benchmarks._kernel_model.design_bounds`), and the transient memory of the step from
+the launchers' own allocations.
 
 Usage: ``python benchmarks/kernel_report.py [--arch 80 90] [--json out.jsonl] [--filter bf16]
 [--k 256 512] [--model-only | --no-model]``
@@ -147,6 +149,15 @@ def print_model(m: dict) -> None:
         f"  K={m['K']} with every GEMM at {t['goal_eff']:.0%} of the peak (modelled): forward "
         f"{t['forward_model_us_at_goal_eff']:.0f} us, forward+backward {t['step_model_us_at_goal_eff']:.0f} us; "
         f"the GEMM passes alone at {t['goal_eff']:.0%}, perfect waves, no launch: {t['step_gemm_floor_us']:.0f} us"
+    )
+    kept = "recomputed" if t["bound_recomputes"] else "kept from the forward"
+    print(
+        f"  K={m['K']} floor of a design without atomics whose backward softmax ({t['softmax_mb']:.0f} MB in "
+        f"16 bits, goal {t['goal_transient_mb']:.0f} MB) is {kept} (modelled): the GEMM passes at "
+        f"{t['goal_eff']:.0%} with perfect waves and at least {t['bound_forward_launches']} forward + "
+        f"{t['bound_backward_launches']} backward launches: forward {t['bound_forward_us']:.0f} us, "
+        f"forward+backward {t['bound_step_us']:.0f} us; keeping the {t['bound_kept_share']:.0%} of it "
+        f"that fits: {t['bound_step_keeping_us']:.0f} us"
     )
     print(
         f"  K={m['K']} transient memory of forward + backward (the launchers' allocations, counted on the CPU): "

@@ -87,6 +87,35 @@ def test_totals_beside_goals(report):
     assert "goal 85 us" in stdout and "goal 350 us" in stdout
 
 
+def test_design_floor(report):
+    """The floor of any recomputing design lies under what the launchers do, over the GEMM passes
+    alone, and (as the docs say) above the 350 us goal at K = 512 only."""
+    stdout, rows = report
+    for t in (r for r in rows if r["kind"] == "model_totals"):
+        assert t["softmax_mb"] == pytest.approx(2 * 4096 * 12_500 / 1e6) and t["bound_recomputes"], t
+        assert t["bound_forward_launches"] <= t["forward_triton_launches"] + t["forward_torch_launches"]
+        assert t["bound_backward_launches"] <= t["backward_triton_launches"] + t["backward_torch_launches"]
+        assert t["step_gemm_floor_us"] < t["bound_step_us"] <= t["step_model_us_at_goal_eff"], t
+        assert t["bound_forward_us"] <= t["forward_model_us_at_goal_eff"], t
+        assert t["bound_step_keeping_us"] < t["bound_step_us"], t
+        assert (t["bound_step_us"] > t["goal_step_us"]) == (t["K"] == 512), t
+    assert "floor of a design without atomics" in stdout
+
+
+def test_design_floor_when_the_softmax_fits():
+    """A softmax under the memory goal is kept: three GEMM passes, one chunk (two backward launches + seed)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._kernel_model import EFF_GOAL, LAUNCH_S, PEAK_TENSOR_FLOPS, design_bounds
+
+    b = design_bounds(1024, 4000, 256)  # 8.2 MB of softmax in 16 bits
+    assert not b["bound_recomputes"] and b["bound_kept_share"] == 1.0
+    assert (b["bound_forward_launches"], b["bound_backward_launches"]) == (2, 3)
+    one_pass_us = 2 * 1024 * 4000 * 256 / (PEAK_TENSOR_FLOPS * EFF_GOAL) * 1e6
+    assert b["bound_step_us"] == pytest.approx(3 * one_pass_us + 5 * LAUNCH_S * 1e6)
+    big = design_bounds(65_536, 12_500, 512)  # 1.6 GB of softmax: 26 chunks of at most 64 MB
+    assert big["bound_backward_launches"] == 2 * 26 + 1 and big["bound_recomputes"]
+
+
 _SPECS_MATCH = """
 import sys
 sys.path.insert(0, "benchmarks")
