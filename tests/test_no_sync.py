@@ -143,6 +143,23 @@ def test_retained_graph_backward_twice(grad_out, on_cuda, monkeypatch):
     torch.testing.assert_close(w.grad, 2 * once_w, rtol=0, atol=0)
 
 
+def test_retained_graph_gradients_are_new_tensors():
+    """A second ``autograd.grad`` through a retained graph returns new tensors, not the buffer the
+    first one was handed; editing that first gradient in place then gives a clear error."""
+    x, w, target = _problem(torch.float32, TARGETS["mixed"])
+    kwargs = {"scale": 64.0, "margin": 0.5, "margin_type": "arcface", "margin_grad": "exact"}
+    loss = torch_chunked.margin_softmax_loss(x, w, target, **kwargs, compute_dtype=torch.float32)
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    kept = first.clone()
+    second = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    assert second is not first and second.data_ptr() != first.data_ptr()
+    second.mul_(10.0)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    first.zero_()  # e.g. clipping the returned gradient in place
+    with pytest.raises(RuntimeError, match="backend='torch' returned its gradient buffers"):
+        torch.autograd.grad(loss, x)
+
+
 @pytest.mark.parametrize("entry", ["margin_softmax_loss", "lse_and_target"])
 def test_reference_backend_step_never_waits(entry):
     kwargs = {"scale": 64.0, "margin": 0.5, "margin_type": "arcface", "margin_grad": "exact"}

@@ -161,16 +161,30 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         else:
             (lse, _, _), grad_x, grad_w = problem.run(), None, None
         ctx.save_for_backward(grad_x, grad_w)
+        ctx.handed_over = False
         return mean_over_rows(lse - problem.z_t, valid)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x, grad_w = ctx.saved_tensors
+        try:
+            grad_x, grad_w = ctx.saved_tensors
+        except RuntimeError as exc:  # a buffer handed over by an earlier backward was edited since
+            if "modified by an inplace operation" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"{_NAME} returned its gradient buffers themselves from the first backward through this "
+                "graph, and they were modified in place since; a later backward through the retained graph "
+                "needs them unchanged: clone the first gradients before editing them, or use backend='reference'"
+            ) from exc
         # The loss is usually the graph's root (grad_out == 1): hand the buffers over instead
-        # of copying them, which halves the backward's peak. Reading grad_out is free on the
-        # CPU; elsewhere it would wait for the device, so there the product is always formed.
-        if not _host_reads_are_free(grad_out.device) or grad_out.item() != 1.0:
+        # of copying them, which halves the backward's peak; only once, so that a second
+        # backward through a retained graph returns new tensors, not the same ones again.
+        # Reading grad_out is free on the CPU; elsewhere it would wait for the device, so
+        # there the product is always formed.
+        if ctx.handed_over or not _host_reads_are_free(grad_out.device) or grad_out.item() != 1.0:
             grad_x, grad_w = grad_x * grad_out, grad_w * grad_out
+        else:
+            ctx.handed_over = True
         return *once_differentiable(_NAME, grad_x, grad_w), None, None, None, None
 
 
