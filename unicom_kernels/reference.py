@@ -2,7 +2,10 @@
 
 This is how insightface's Partial FC computes the loss (dense logits, margin on the
 target column, cross-entropy), kept as the semantic reference and the baseline the
-fused backends are measured against. Memory is ``O(N * n)``. Every step is a
+fused backends are measured against. Like Partial FC under autocast it rounds the
+cosines to the compute dtype (the GEMM's bf16/fp16 output, then upcast): the one
+departure from the fp32-logit rule of docs/design.md, section 2.9, so that it is the
+eager same-dtype baseline. Memory is ``O(N * n)``. Every step is a
 differentiable torch op (the margin's backward too), so it is also the backend for
 higher-order gradients (a gradient penalty).
 """
