@@ -8,6 +8,7 @@ for _module in ("yaml", "tqdm"):  # the pipeline extra
 
 pytest.importorskip("faiss")
 
+from unicom import metrics  # noqa: E402
 from unicom.metrics import knn_accuracy, retrieval_metrics  # noqa: E402
 
 
@@ -75,3 +76,46 @@ def test_knn_accuracy_hand_computed():
     g = np.array([[0.9, 0.1], [0.5, 0.5]], np.float32)
     assert knn_accuracy(q, np.array([4]), g, np.array([4, 2]), k=2) == 1.0
     assert retrieval_metrics(x, labels, ks=(1,), knn_k=1)["knn@1"] == pytest.approx(0.5)
+
+
+def _documented_metrics(q, ql, g, gl, ks, knn_k):
+    """The module's definitions by brute force: every gallery item ranked by (-score, index)."""
+    loo = g is None
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    qn = unit(np.asarray(q, np.float32))
+    gn, gl = (qn, ql) if loo else (unit(np.asarray(g, np.float32)), gl)
+    recall, map_r, map_100, knn = {k: [] for k in ks}, [], [], []
+    for i in range(len(qn)):
+        s = gn @ qn[i]
+        order = [j for j in sorted(range(len(gn)), key=lambda j: (-s[j], j)) if not (loo and j == i)]
+        votes = list(gl[order[:knn_k]])
+        best = max(votes.count(v) for v in votes)
+        knn.append(next(v for v in votes if votes.count(v) == best) == ql[i])
+        rel = gl[order] == ql[i]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        hits = np.cumsum(rel) / np.arange(1, len(rel) + 1) * rel
+        for k in ks:
+            recall[k].append(rel[:k].any())
+        map_r.append(hits[:r].sum() / r)
+        map_100.append(hits[:100].sum() / min(r, 100))
+    out = {f"recall@{k}": np.mean(v) for k, v in recall.items()}
+    return out | {"map@r": np.mean(map_r), "map@100": np.mean(map_100), f"knn@{knn_k}": np.mean(knn)}
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_tie_groups_larger_than_the_slack_follow_gallery_index(loo, monkeypatch):
+    # Embeddings on the six axis directions of 3-D: scores are exactly 1, 0 or -1, so each tie group
+    # (about 160 items at score 0) is far larger than TIE_SLACK and straddles every cut (k = 60,
+    # R ~ 120, 100, kNN k = 50). Which tied items come first must not depend on the search library.
+    rng = np.random.default_rng(3)
+    axes = np.concatenate([np.eye(3), -np.eye(3)]).astype(np.float32)
+    g, gl = axes[rng.integers(0, 6, 240)], rng.integers(0, 2, 240)
+    q, ql = (g, gl) if loo else (axes[rng.integers(0, 6, 30)], rng.integers(0, 2, 30))
+    ks = (1, 8, 60)
+    got = retrieval_metrics(q, ql, None if loo else g, None if loo else gl, ks=ks, use_gpu=False, knn_k=50)
+    want = _documented_metrics(q, ql, None if loo else g, None if loo else gl, ks, 50)
+    assert {name: got[name] for name in want} == pytest.approx(want)
+    monkeypatch.setattr(metrics, "RESEARCH_ENTRIES", 1)  # queries searched again one per call
+    assert retrieval_metrics(q, ql, None if loo else g, None if loo else gl, ks=ks, use_gpu=False, knn_k=50) == got

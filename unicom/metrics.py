@@ -4,7 +4,10 @@ Definitions (``R`` = number of gallery items sharing the query's label, the quer
 in leave-one-out mode):
 
 - ranking: gallery items by descending cosine similarity; equal similarities are ordered by
-  gallery index (lower first), so results do not depend on the search library's tie order.
+  gallery index (lower first), so results do not depend on the search library's tie order. The
+  search fetches ``TIE_SLACK`` neighbours beyond those needed, and more (doubling, up to the whole
+  gallery) for a query whose equal scores at the cut reach the last neighbour fetched, so the order
+  holds however large a group of equal scores.
 - Recall@K: share of queries with at least one relevant item among the first K.
 - mAP@R (Musgrave et al., 2020): mean over queries of ``(1/R) sum_{i<=R} P@i * rel_i``.
 - mAP@100: mean over queries of ``(1/min(R, 100)) sum_{i<=100} P@i * rel_i``.
@@ -25,7 +28,9 @@ import numpy as np
 
 from .config import UserError
 
-TIE_SLACK = 16
+TIE_SLACK = 16  # neighbours fetched beyond those needed; a tie at the cut reaching past them costs another search
+GPU_MAX_K = 2048  # faiss GPU k-selection limit: a larger k is searched on the CPU
+RESEARCH_ENTRIES = 1 << 24  # neighbours per call when queries are searched again (12 bytes each: bounds memory)
 
 
 class MetricsError(UserError, ValueError):
@@ -40,17 +45,65 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def search(query: np.ndarray, gallery: np.ndarray, k: int, use_gpu: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-``k``: (scores ``[nq, k]`` float32, gallery indices ``[nq, k]`` int64).
 
-    Uses faiss ``IndexFlatIP`` (on a GPU when faiss sees one).
+    Uses faiss ``IndexFlatIP`` (on a GPU when faiss sees one and ``k <= GPU_MAX_K``). Equal scores
+    come in the library's order, and at the cut the library chooses which of them are returned.
     """
     import faiss
 
     index = faiss.IndexFlatIP(gallery.shape[1])
-    if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if use_gpu and k <= GPU_MAX_K and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
     index.add(np.ascontiguousarray(gallery, dtype=np.float32))
     scores, ids = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
     return scores, ids.astype(np.int64)
+
+
+def _rank(
+    q: np.ndarray, g: np.ndarray, rows: np.ndarray, fetch: int, length: int, loo: bool, use_gpu: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """First ``length`` of the ranking for queries ``q[rows]`` from the top ``fetch``.
+
+    Returns gallery indices ``[len(rows), length]`` int64 and ``complete [len(rows)]`` bool: False
+    where the score at the cut equals the lowest one fetched, so equal scores left out by the search
+    (possibly of lower index) may belong before the cut; those rows need a larger ``fetch``.
+    """
+    scores, ids = search(q[rows], g, fetch, use_gpu)
+    lowest = scores.min(axis=1)  # every item scoring above it was fetched
+    if loo:
+        scores = np.where(ids == rows[:, None], -np.inf, scores)
+    order = np.lexsort((ids, -scores), axis=-1)[:, :length]
+    cut = np.take_along_axis(scores, order[:, -1:], axis=1)[:, 0]
+    complete = (cut > lowest) | (fetch >= len(g))
+    return np.take_along_axis(ids, order, axis=1), complete
+
+
+def _ranked_ids(q: np.ndarray, g: np.ndarray, length: int, loo: bool, use_gpu: bool) -> np.ndarray:
+    """Gallery indices ``[nq, length]`` int64: each query's first ``length`` items in the ranking.
+
+    Descending score, then ascending gallery index; the query itself left out when ``loo``. One
+    search of ``length + TIE_SLACK`` neighbours (plus one for the query itself in leave-one-out) for
+    all queries; only queries whose tie at the cut may extend past what was fetched are searched
+    again, with twice the neighbours (up to the gallery size), in calls of at most
+    ``RESEARCH_ENTRIES`` neighbours.
+    """
+    out = np.empty((len(q), length), np.int64)
+    if length == 0:
+        return out
+    rows = np.arange(len(q))
+    fetch = min(len(g), length + (1 if loo else 0) + TIE_SLACK)
+    batch = max(1, len(q))
+    while len(rows):
+        pending = []
+        for start in range(0, len(rows), batch):
+            part = rows[start : start + batch]
+            ids, complete = _rank(q, g, part, fetch, length, loo, use_gpu)
+            out[part[complete]] = ids[complete]
+            pending.append(part[~complete])
+        rows = np.concatenate(pending)
+        fetch = min(len(g), 2 * fetch)
+        batch = max(1, RESEARCH_ENTRIES // fetch)
+    return out
 
 
 def ranked_relevance(
@@ -80,13 +133,7 @@ def ranked_relevance(
     relevant = np.where(classes[pos] == ql, counts[pos], 0) - (1 if loo else 0)
     available = len(g) - (1 if loo else 0)
     length = min(available, max(depth, int(relevant.max(initial=0))))
-    fetch = min(len(g), length + (1 if loo else 0) + TIE_SLACK)
-    scores, ids = search(q, g, fetch, use_gpu)
-    if loo:
-        is_self = ids == np.arange(len(q))[:, None]
-        scores = np.where(is_self, -np.inf, scores)
-    order = np.lexsort((ids, -scores), axis=-1)
-    ids = np.take_along_axis(ids, order, axis=1)[:, :length]
+    ids = _ranked_ids(q, g, length, loo, use_gpu)
     rel = gl[ids] == ql[:, None]
     return rel, relevant
 
@@ -145,12 +192,7 @@ def knn_accuracy(
     ql = np.asarray(query_labels, dtype=np.int64)
     gl = ql if loo else np.asarray(gallery_labels, dtype=np.int64)
     k = min(k, len(g) - (1 if loo else 0))
-    fetch = min(len(g), k + (1 if loo else 0) + TIE_SLACK)
-    scores, ids = search(q, g, fetch, use_gpu)
-    if loo:
-        scores = np.where(ids == np.arange(len(q))[:, None], -np.inf, scores)
-    ids = np.take_along_axis(ids, np.lexsort((ids, -scores), axis=-1), axis=1)[:, :k]
-    votes = gl[ids]
+    votes = gl[_ranked_ids(q, g, k, loo, use_gpu)]
     correct = 0
     for row, label in zip(votes, ql, strict=True):
         values, first, counts = np.unique(row, return_index=True, return_counts=True)
