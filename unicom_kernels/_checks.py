@@ -10,11 +10,14 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .margin import MARGIN_GRADS, MARGIN_TYPES
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# The dtypes the backends compute in; others (float8, ...) are refused rather than half-supported.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Largest sensible |margin|: beyond it even a perfectly aligned sample's target logit is <= 0,
 # which means a unit slip (degrees, as pytorch-metric-learning takes them) rather than a setting.
 MARGIN_LIMITS = {"arcface": math.pi / 2, "cosface": 1.0}
@@ -25,6 +28,38 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value``, checked to be a ``bool`` (a truthy ``None`` or string is a slip, not a setting)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_seed(value: object) -> int:
+    """The module's ``seed`` as a plain ``int`` (numpy integers accepted), checked to fit in int64.
+
+    The sampler hashes the seed's 64 bits, so a wider range would give some seeds the draws of others.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {value!r}")
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(
+            f"seed must fit in int64 ([-2**63, 2**63 - 1]; the sampler uses 64 bits, a wider seed would repeat "
+            f"the draws of another), got {value}"
+        )
+    return int(value)
+
+
+def check_process_group(value: object) -> None:
+    """``process_group``: ``None`` or a ``torch.distributed.ProcessGroup``, checked before any collective."""
+    group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if value is not None and (group_type is None or not isinstance(value, group_type)):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (such as dist.group.WORLD after "
+            f"init_process_group) or None, got {type(value).__name__}"
+        )
 
 
 def check_generator(value: object) -> None:
@@ -48,9 +83,31 @@ def _check_integer_tensor(value: object, name: str) -> Tensor:
 
 def _check_float_tensor(value: object, name: str) -> Tensor:
     t = _check_tensor(value, name)
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor (fp32/fp16/bf16/fp64), got dtype {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        supported = ", ".join(map(str, FLOAT_DTYPES))
+        raise TypeError(f"{name} must be a floating-point tensor of dtype {supported}; got dtype {t.dtype}")
     return t
+
+
+def _as_int64(t: Tensor, avoid: int = _INT64_MAX) -> Tensor:
+    """Integer ``t`` as int64, compared as numbers afterwards.
+
+    ``.to(int64)`` is exact for every integer dtype but uint64, whose values of ``2**63`` and
+    above it wraps to negative numbers (``2**64 - 1`` to ``-1``, the default ``ignore_index``).
+    Those become ``2**63 - 1`` (``2**63 - 2`` when that is ``avoid``): too large for any class
+    count or dimension, like the values themselves. Torch has no uint64 comparisons on the CPU,
+    so the wrap is found from the int64 bits. Nothing is read back from the device.
+    """
+    t64 = t.to(torch.int64)
+    if t.dtype == torch.uint64:
+        t64 = torch.where(t64 < 0, _INT64_MAX if avoid != _INT64_MAX else _INT64_MAX - 1, t64)
+    return t64
+
+
+def _value_at(t: Tensor, mask: Tensor) -> int:
+    """The first entry of integer ``t`` where ``mask`` holds, as a Python int (uint64 unwrapped)."""
+    value = t.to(torch.int64)[mask][0].item()
+    return value + 2**64 if t.dtype == torch.uint64 and value < 0 else value
 
 
 def _check_real(value: object, name: str) -> float:
@@ -158,7 +215,9 @@ def check_inputs(
     Returns the labels as int64.
 
     Labels of any integer dtype are widened to int64 first, so that ``ignore_index`` and the
-    class range are compared as numbers (in uint8, ``-1`` would wrap to 255: class 255).
+    class range are compared as numbers (in uint8, ``-1`` would wrap to 255: class 255); uint64
+    labels beyond int64 stay out of range instead of wrapping (:func:`_as_int64`), also for the
+    cross-rank range check of a process group.
     The value checks read one value back from the device (a host synchronisation on a GPU);
     the rest looks at shapes and dtypes only.
     """
@@ -172,20 +231,20 @@ def check_inputs(
         raise ValueError(
             f"embeddings, prototypes and labels must be on one device, got {x.device}, {w.device}, {y.device}"
         )
-    y = y.to(torch.int64)
+    y64 = _as_int64(y, avoid=ignore_index)
     # A graph being compiled cannot raise from device values (a device-side assert would end
     # the process): there the value checks are left to the eager calls.
     if check_values and not torch.compiler.is_compiling():
         num_classes = w.shape[0]
-        bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+        bad = (y64 != ignore_index) & ((y64 < 0) | (y64 >= num_classes))
         labels_bad, nonfinite = torch.stack([bad.any(), ~torch.isfinite(x).all()]).tolist()  # the one read back
         if labels_bad:
             raise ValueError(
-                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {y[bad][0].item()}"
+                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {_value_at(y, bad)}"
             )
         if nonfinite:
             raise ValueError("embeddings contain NaN or inf (pass check_values=False to skip the value checks)")
-    return y
+    return y64
 
 
 def _check_index(index: object, name: str, low: int, high: int, what: str, device: torch.device) -> Tensor:
@@ -194,11 +253,12 @@ def _check_index(index: object, name: str, low: int, high: int, what: str, devic
         raise ValueError(f"{name} must be a non-empty 1-D tensor of {what}, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device} like the embeddings, got {t.device}")
+    t = _as_int64(t)  # torch has no comparisons of uint16/32/64 on the CPU
     if ((t < low) | (t >= high)).any():
         raise ValueError(f"{name} must hold {what} in [{low}, {high})")
     if t.unique().numel() != t.numel():
         raise ValueError(f"{name} must not repeat an index")
-    return t.to(torch.int64).sort().values
+    return t.sort().values
 
 
 def check_class_index(class_index: object, positives: Tensor, start: int, stop: int) -> Tensor:

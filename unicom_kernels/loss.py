@@ -10,7 +10,6 @@ the classes are sharded across ranks (:mod:`unicom_kernels.distributed`).
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -304,10 +303,12 @@ def dual_partial_margin_loss(
         0-dim loss, the mean over non-ignored (global) rows (fp32; fp64 for fp64 inputs);
         ``0`` with zero gradients when every row is ignored. Identical on every rank.
     """
+    _checks.check_process_group(process_group)  # before the agreement below, which needs a group
     try:
         opts = _Options(
             scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
         )
+        _checks.check_bool(check_values, "check_values")
     except (TypeError, ValueError) as exc:
         if process_group is not None:  # the other ranks are waiting in the first agreement
             _dist.agree(process_group, None, exc)
@@ -392,9 +393,9 @@ class DualPartialMarginLoss(nn.Module):
         super().__init__()
         num_classes = _checks.check_positive_int(num_classes, "num_classes")
         embedding_dim = _checks.check_positive_int(embedding_dim, "embedding_dim")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        seed = int(seed)
+        seed = _checks.check_seed(seed)
+        _checks.check_bool(check_values, "check_values")
+        _checks.check_process_group(process_group)
         self.options = _Options(
             scale, margin, margin_type, margin_grad, class_sample_rate, dim_sample_rate, num_dims, ignore_index, backend
         )
