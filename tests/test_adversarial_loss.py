@@ -156,6 +156,51 @@ def test_non_finite_inputs_give_nan_statistics_in_the_triton_kernels(kind):
     assert lse.isnan().any()
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_ignored_rows_change_nothing(value, backend):
+    """Without the value checks an ignored row may be garbage (padding): it must not reach the
+    prototypes' gradient through its zero weight (0 * NaN). Loss and gradients equal those with
+    the row zeroed, bitwise, and the row's own gradient is 0."""
+    x, w, y = _inputs(dtype=_dtype(backend))
+    y[[1, 4]] = -1
+    results = []
+    for fill in (value, 0.0):
+        xs, ws = x.clone(), w.clone()
+        xs[1], xs[4, 2] = fill, fill
+        xs.requires_grad_(), ws.requires_grad_()
+        loss = dual_partial_margin_loss(xs, ws, y, backend=backend, check_values=False)
+        loss.backward()
+        results.append((loss.detach(), xs.grad, ws.grad))
+    (loss, gx, gw), (loss0, gx0, gw0) = results
+    assert torch.isfinite(loss) and torch.isfinite(gw).all() and torch.isfinite(gx).all()
+    assert torch.equal(loss, loss0) and torch.equal(gx, gx0) and torch.equal(gw, gw0)
+    assert not gx[[1, 4]].any()
+
+
+def _scenario_non_finite_padding(rank, world, group):
+    x, y, w = _rank_inputs(rank)
+    y[0] = -1
+    out = {}
+    for fill in (math.nan, 0.0):
+        crit = DualPartialMarginLoss(RC, D, process_group=group, check_values=False, class_sample_rate=1.0)
+        with torch.no_grad():
+            crit.weight.copy_(w)
+        xs = x.clone()
+        xs[0] = fill
+        xs.requires_grad_()
+        loss = crit(xs, y)
+        loss.backward()
+        out[str(fill)] = (loss.detach(), xs.grad, crit.weight.grad)
+    return out
+
+
+def test_non_finite_ignored_rows_change_nothing_across_ranks(tmp_path):
+    for out in spawn(2, _scenario_non_finite_padding, tmp_path):
+        for got, zeroed in zip(out["nan"], out["0.0"], strict=True):
+            assert torch.isfinite(got).all() and torch.equal(got, zeroed)
+
+
 # --------------------------------------------------------------------------- argument types
 
 

@@ -125,10 +125,18 @@ def _gathered(
     class_index: Tensor,
     dim_index: Tensor | None,
     row_grad: RowGrad | None = None,
+    ignored: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, torch.dtype]:
     """The selected ``x [N, k]`` and ``w [n, k]`` (not normalised) and the GEMM dtype; with
-    ``row_grad``, the gradient of the gathered rows goes there instead of ``prototypes.grad``."""
+    ``row_grad``, the gradient of the gathered rows goes there instead of ``prototypes.grad``.
+
+    ``ignored`` (``[N]`` bool): rows replaced by zeros. Without the value checks an ignored row
+    may hold NaN or inf (padding), which its zero weight would not keep out of the prototypes'
+    gradient (``0 * NaN``); zeros keep it out, and its own gradient is then 0.
+    """
     x = embeddings if dim_index is None else embeddings.index_select(1, dim_index)
+    if ignored is not None:
+        x = torch.where(ignored.unsqueeze(1), 0.0, x)
     if row_grad is not None and torch.is_grad_enabled() and prototypes.requires_grad:
         w = row_grad.gather(prototypes, class_index)
     elif class_index.numel() == prototypes.shape[0]:
@@ -154,9 +162,11 @@ def _single_process_loss(
     class_index: Tensor,
     dim_index: Tensor | None,
     opts: _Options,
+    check_values: bool,
     row_grad: RowGrad | None = None,
 ) -> Tensor:
-    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index, row_grad)
+    ignored = None if check_values else labels == opts.ignore_index  # checked rows are finite
+    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index, row_grad, ignored)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
     backend = get_backend(opts.backend, embeddings.device, compute)
     with _without_autocast(embeddings.device):
@@ -235,7 +245,8 @@ def _sharded_loss(
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
     # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
     gathered = _dist.all_gather_rows(embeddings, group, grad_scale=float(world))
-    x, w, compute = _gathered(gathered, shard, class_index, dim_index, row_grad)
+    ignored = None if check_values else all_labels == opts.ignore_index  # checked rows are finite
+    x, w, compute = _gathered(gathered, shard, class_index, dim_index, row_grad, ignored)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
     backend = get_backend(opts.backend, embeddings.device, compute)
     with _without_autocast(embeddings.device):
@@ -348,7 +359,7 @@ def dual_partial_margin_loss(
     labels = _check_tensors(embeddings, prototypes, labels, opts, check_values, generator=generator)
     num_classes = prototypes.shape[0]
     selected = choose_classes(_local_labels(labels, opts.ignore_index, 0, num_classes), 0, num_classes)
-    return _single_process_loss(embeddings, prototypes, labels, selected, choose_dims(), opts)
+    return _single_process_loss(embeddings, prototypes, labels, selected, choose_dims(), opts, check_values)
 
 
 class DualPartialMarginLoss(nn.Module):
@@ -455,7 +466,9 @@ class DualPartialMarginLoss(nn.Module):
             local_labels = _local_labels(labels, opts.ignore_index, 0, self.num_classes)
             class_index = self._choose_classes(local_labels, 0, self.num_classes)
             dim_index = self._choose_dims(embeddings.device)
-            loss = _single_process_loss(embeddings, self.weight, labels, class_index, dim_index, opts, self.row_grad)
+            loss = _single_process_loss(
+                embeddings, self.weight, labels, class_index, dim_index, opts, self.check_values, self.row_grad
+            )
         else:
 
             def settings() -> dict:
