@@ -55,6 +55,13 @@ def test_missing_required_and_bad_choice(tmp_path):
         config.parse(TrainConfig, "train", ["--config", str(tmp_path / "nope.yaml")], "t")
 
 
+def test_seed_outside_int64_is_a_config_error(tmp_path):
+    """Checked with the rest of the config, before any data is read (the loss samples from 64 bits)."""
+    args = ["--data", "d", "--output-dir", str(tmp_path / "o"), "--seed", str(2**64)]
+    with pytest.raises(config.ConfigError, match="'seed': seed must fit in int64"):
+        config.parse(TrainConfig, "train", args, "t")
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = config.make(TrainConfig, {"data": "d", "output_dir": "o", "lr": 0.1})
     config.save(cfg, tmp_path / "c.yaml", "train")

@@ -222,6 +222,7 @@ class TrainConfig:
         try:
             _checks.check_options(**loss_options(self), ignore_index=IGNORE_INDEX, backends=BACKENDS)
             _checks.num_selected_dims(self.embedding_dim, self.dim_sample_rate, self.num_dims)
+            _checks.check_seed(self.seed)
         except (TypeError, ValueError) as exc:  # their messages start with the argument's name
             argument = re.match(r"\w*", str(exc)).group()
             raise config.ConfigError(f"'{LOSS_OPTIONS.get(argument, argument)}': {exc}") from None
