@@ -226,6 +226,99 @@ def test_compiles_once_for_every_step(backend, check_values):
     assert criterion.step == 20
 
 
+def _compiled_steps(criterion, eager, batches):
+    """Run ``batches`` of ``(x, y)`` through the compiled and the eager module; returns the graphs made."""
+    frames = []
+
+    def counting_backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda e, t: criterion(e, t), fullgraph=True, backend=counting_backend)
+    for x, y in batches:
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss = compiled(xc, y)
+        loss.backward()
+        expected = eager(xe, y)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        for got, want in ((xc.grad, xe.grad), (criterion.weight.grad, eager.weight.grad)):
+            # Rounding of other summation orders: relative to the largest entry.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        assert torch.equal(criterion.last_class_index, eager.last_class_index)
+    return frames
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compiles_once_with_more_rows_than_sampled_classes(backend):
+    """The class count then depends on the distinct positives (known on the device only): still
+    one graph, whatever the count; and a second one at most when the batch size changes."""
+    torch._dynamo.reset()
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.1, backend=backend, check_values=False)
+    eager = DualPartialMarginLoss(C, D, class_sample_rate=0.1, backend=backend, check_values=False)
+    eager.load_state_dict(criterion.state_dict())
+    gen = torch.Generator().manual_seed(3)
+
+    def batch(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rows, D, generator=gen), torch.randint(0, C, (rows,), generator=gen)
+
+    assert len(_compiled_steps(criterion, eager, [batch(B) for _ in range(6)])) == 1
+    assert len(_compiled_steps(criterion, eager, [batch(rows) for rows in (5, 8, 13)])) <= 2
+
+
+_FIRST_USE_COMPILED = """
+import torch
+from unicom_kernels import dual_partial_margin_loss
+x, w, y = torch.randn(9, 16, requires_grad=True), torch.randn(29, 16, requires_grad=True), torch.randint(0, 29, (9,))
+step = torch.compile(lambda x, w, y: dual_partial_margin_loss(x, w, y, backend="{backend}"), fullgraph=True,
+                     backend="aot_eager")
+step(x, w, y).backward()
+print("ok", torch.isfinite(w.grad).all().item())
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_functional_form_compiles_as_the_first_call(backend):
+    """No eager call first: the backends are imported with the package, not inside the traced call."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIRST_USE_COMPILED.format(backend=backend)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "ok True" in proc.stdout, proc.stderr[-2000:]
+
+
+def _scenario_sharded_compiled(rank, world, group):
+    x, _, y = _inputs()
+    rows = slice(rank * 5, rank * 5 + 5)
+    torch._dynamo.reset()
+    out = {}
+    for check_values in (True, False):
+        criterion = DualPartialMarginLoss(C, D, process_group=group, class_sample_rate=0.2, check_values=check_values)
+        eager = DualPartialMarginLoss(C, D, process_group=group, class_sample_rate=0.2, check_values=check_values)
+        eager.load_state_dict(criterion.state_dict())
+        batches = [(x[rows] * (1 + step), y[rows].roll(step)) for step in range(3)]
+        out[check_values] = len(_compiled_steps(criterion, eager, batches))
+    return out
+
+
+def test_sharded_module_compiles_into_one_graph(tmp_path):
+    """With a process group the compiled module skips the cross-rank agreement (as without
+    check_values) and matches the eager module step by step."""
+    for out in spawn(2, _scenario_sharded_compiled, tmp_path):
+        assert out == {True: 1, False: 1}, out
+
+
+def test_torch_backend_statistics_refuse_a_second_backward_clearly():
+    x, w, y = _inputs()
+    w.requires_grad_()
+    lse, _ = torch_chunked.lse_and_target(x, w, y, compute_dtype=torch.float32, **KW)
+    lse.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through a retained graph needs backend='reference'"):
+        lse.sum().backward()
+
+
 def _scenario_sharded_step_reads_only_the_agreement(rank, world, group):
     x, _, y = _inputs()
     torch_chunked._host_reads_are_free = lambda device: False  # this process only

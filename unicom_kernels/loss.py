@@ -16,12 +16,18 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _checks, ops
 from . import distributed as _dist
 from .ops import BACKENDS, accumulation_dtype, check_backend, get_backend, mean_loss, normalize_rows
 from .row_grad import RowGrad
 from .sampling import generator_keys, sample_classes, sample_dims, step_keys
+
+# The backends every machine has, imported now: torch.compile cannot trace an import in the
+# first call (the triton backend is imported by the module's constructor or the first eager call).
+for _name in ("torch", "reference"):
+    get_backend(_name, torch.device("cpu"))
 
 # (local labels, -1 outside the block, block start, block size) -> sorted local class indices of the step.
 ClassChooser = Callable[[Tensor, int, int], Tensor]
@@ -139,8 +145,10 @@ def _gathered(
         x = torch.where(ignored.unsqueeze(1), 0.0, x)
     if row_grad is not None and torch.is_grad_enabled() and prototypes.requires_grad:
         w = row_grad.gather(prototypes, class_index)
-    elif class_index.numel() == prototypes.shape[0]:
-        w = prototypes  # sorted distinct indices as many as the rows are all of them: no copy, no scatter back
+    elif statically_known_true(class_index.numel() == prototypes.shape[0]):
+        # Sorted distinct indices as many as the rows are all of them: no copy, no scatter back.
+        # (Under torch.compile a count of distinct positives is only known on the device: no guard.)
+        w = prototypes
     else:
         w = prototypes.index_select(0, class_index)
     if dim_index is not None:
@@ -200,7 +208,10 @@ def _sharded_loss(
     ``(loss, class_index, dim_index)``, the classes as global ids.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    agreeing = check_values or num_classes is None
+    # A compiled graph cannot raise from what the ranks report (nor hash the settings in C):
+    # compiled, the module runs as without check_values; the functional form needs the
+    # agreement for the class count.
+    agreeing = (check_values and not torch.compiler.is_compiling()) or num_classes is None
     error, info, dim_index, agreed = None, None, None, {}
     try:
         labels = _check_tensors(embeddings, shard, labels, opts, check_values, sharded=True, generator=generator)
@@ -297,8 +308,10 @@ def dual_partial_margin_loss(
             override the samplers; ``class_index`` must contain every label of the batch
             (with ``process_group``: every label of the global batch inside this rank's block).
         ignore_index: label of rows that add nothing to loss or gradient.
-        generator: randomness for the samplers (classes are drawn first, then dims). With
-            ``process_group`` the dims must come out equal on every rank: seed it alike.
+        generator: randomness for the samplers (classes are drawn first, then dims; with
+            ``process_group`` dims first, as the ranks agree on them before the classes of the
+            gathered batch are drawn). With ``process_group`` the dims must come out equal on
+            every rank: seed it alike.
         backend: ``"auto"`` (``"triton"`` for CUDA tensors, ``"torch"`` otherwise and for
             fp64), ``"triton"``, ``"torch"`` or ``"reference"``.
         check_values: check that the labels lie in ``[0, C)`` (or equal ``ignore_index``) and

@@ -112,6 +112,11 @@ def get_backend(name: str, device: torch.device, compute_dtype: torch.dtype = to
     if resolved not in _LOADED:  # imported once; a dict lookup is what torch.compile traces later
         if resolved == "triton":
             _check_triton_installed(name)
+        if torch.compiler.is_compiling():  # torch.compile cannot trace an import
+            raise RuntimeError(
+                f"the {resolved} backend is imported on first use, which torch.compile cannot trace: call the "
+                "loss once outside torch.compile, or construct DualPartialMarginLoss, before compiling"
+            )
         _LOADED[resolved] = importlib.import_module(_BACKENDS[resolved])
     return _LOADED[resolved]
 

@@ -105,9 +105,7 @@ class _Problem:
         want_grad = lse_weight is not None
         grad_x = torch.zeros_like(x) if want_grad else None
         grad_w = torch.zeros_like(w) if want_grad else None
-        step = max(1, CHUNK_ELEMENTS // num_cols)
-        for r0 in range(0, num_rows, step):
-            rows = slice(r0, min(r0 + step, num_rows))
+        for rows in _row_chunks(num_rows, num_cols):
             # Fixed-shape target updates (gather, then scatter back with rows without a target
             # keeping their entry): a boolean mask would read its count back from the device.
             has_t, c = self.has_target[rows], self.col[rows].unsqueeze(1)
@@ -138,6 +136,19 @@ class _Problem:
         if want_grad:
             grad_x, grad_w = self.x_unit.grad_in_place(grad_x), self.w_unit.grad_in_place(grad_w)
         return lse, grad_x, grad_w
+
+
+def _row_chunks(num_rows, num_cols) -> list[slice]:
+    """Row slices of ``[rows, num_cols]`` blocks, ``rows * num_cols <= CHUNK_ELEMENTS`` (at least one row).
+
+    Under torch.compile one slice of every row: a loop over chunks would fix the batch size
+    and the class count (unknown while tracing when it counts distinct positives) in the
+    graph, so the graph would be traced again for every batch size, or not at all.
+    """
+    if torch.compiler.is_compiling():
+        return [slice(0, num_rows)]
+    step = max(1, CHUNK_ELEMENTS // num_cols)
+    return [slice(r0, min(r0 + step, num_rows)) for r0 in range(0, num_rows, step)]
 
 
 def _host_reads_are_free(device: torch.device) -> bool:
@@ -200,8 +211,12 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse, grad_z_t):
-        problem = ctx.problem
-        del ctx.problem
+        problem, ctx.problem = ctx.problem, None  # freed by the first backward, not with the graph
+        if problem is None:
+            raise RuntimeError(
+                f"{_NAME} frees the operands of the per-row statistics in the first backward through the "
+                "graph; a second backward through a retained graph needs backend='reference'"
+            )
         _, grad_x, grad_w = problem.run(grad_lse, torch.where(problem.has_target, grad_z_t, 0.0))
         return *once_differentiable(_NAME, grad_x, grad_w), None, None, None, None
 
