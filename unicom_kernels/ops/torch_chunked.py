@@ -8,7 +8,8 @@ formed in the same pass (the Liger-Kernel schedule): three GEMM passes in all (l
 :func:`lse_and_target` runs one pass forward and recomputes in the backward (four).
 
 The largest intermediate is one ``[rows, n]`` fp32 block with ``rows * n <=
-CHUNK_ELEMENTS`` (at least one row; under torch.compile all rows, see :func:`_row_chunks`). Six elementwise passes over it per chunk (eight in
+CHUNK_ELEMENTS`` (at least one row; under torch.compile all rows, see
+:func:`_row_chunks`). Six elementwise passes over it per chunk (eight in
 fp32/fp64, where the prototypes' inverse norms scale the block instead of a normalised
 copy of the prototypes being made).
 
