@@ -260,6 +260,15 @@ def test_cluster_every_cluster_dropped(tmp_path):
     assert not (tmp_path / "c" / "labels.npy").exists()
 
 
+@pytest.mark.parametrize("text", [b"{not json", b'{"dim": 8}', b"\xff\xfe"])
+def test_cluster_damaged_feature_index_is_named(tmp_path, no_kmeans, text):
+    write_store(tmp_path / "f", unit_rows(20), shard=30)
+    (tmp_path / "f" / "index.json").write_bytes(text)
+    with pytest.raises(DataError, match=r"index\.json is damaged or unreadable") as err:
+        no_kmeans.run(cluster_cfg(tmp_path, num_clusters=4), quiet=True)
+    assert "\n" not in str(err.value)
+
+
 # -- features: a run killed during --overwrite ----------------------------------------------------------------------
 
 

@@ -245,12 +245,26 @@ def test_approximate_assignment_reports_measured_agreement(tmp_path, capsys, kin
         ({"ef_search": 0}, "ef_search"),
         ({"agreement_rows": -1}, "agreement_rows"),
         ({"num_clusters": 2**31}, "num_clusters"),
+        ({"seed": -1}, "seed"),  # faiss and numpy refuse negative seeds
+        ({"seed": 2**31}, "seed"),  # faiss' k-means seed is a C int
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_cluster_config_rejects(tmp_path, values, name):
     base = dict(features_dir="f", output_dir=str(tmp_path / "c"))
     with pytest.raises(config.ConfigError, match=f"'{name}'"):
         config.make(ClusterConfig, {**base, **values})
+
+
+def test_cluster_seed_range_is_faiss_own(tmp_path):
+    """The largest accepted seed runs k-means (faiss takes it); one above it is refused at validation."""
+    write_store(tmp_path / "f", mixture(n_per=10, k=2, dim=8)[0])
+    cfg = config.make(
+        ClusterConfig,
+        dict(features_dir=str(tmp_path / "f"), output_dir=str(tmp_path / "c"), num_clusters=2, niter=2, train_size=10,
+             seed=cluster.SEED_MAX, use_gpu=False, device="cpu"),
+    )  # fmt: skip
+    assert run(cfg, quiet=True)["num_classes"] == 2
 
 
 def test_kmeans_bench_quick(tmp_path):

@@ -46,6 +46,36 @@ def test_bad_config_file(tmp_path, text, match):
         config.parse(TrainConfig, "train", ["--config", str(path)], "t")
 
 
+def test_config_file_not_utf8_is_one_error_line(tmp_path, capsys):
+    """A damaged (or Latin-1) file ends the command with one line naming it and status 2, not a traceback."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes("cluster:\n  features_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(config.ConfigError, match=r"c\.yaml is damaged or not UTF-8"):
+        config.read_section(path, "cluster", ClusterConfig)
+    with pytest.raises(SystemExit) as exc:
+        cluster_main(["--config", str(path), "--features-dir", "f", "--output-dir", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"cluster:\n\tnum_clusters: 3\n")  # a tab: not YAML
+    with pytest.raises(config.ConfigError, match="not valid YAML.*line 2") as err:
+        config.read_section(path, "cluster", ClusterConfig)
+    assert "\n" not in str(err.value)
+    with pytest.raises(config.ConfigError, match="is a folder"):
+        config.read_section(tmp_path, "cluster", ClusterConfig)
+
+
+def test_integer_strings_are_read_exactly(tmp_path):
+    """A quoted integer beyond 2**53 is not rounded through a float."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seed: '9007199254740993'\n")
+    assert config.read_section(path, "train", TrainConfig) == {"seed": 9007199254740993}
+
+
 def test_missing_required_and_bad_choice(tmp_path):
     with pytest.raises(config.ConfigError, match="'data' is required"):
         config.parse(TrainConfig, "train", [], "t")

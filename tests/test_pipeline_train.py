@@ -1,5 +1,9 @@
 """Training: a few steps lower the loss; --resume from a mid-run checkpoint is bitwise exact (CPU)."""
 
+import importlib
+import io
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +15,13 @@ for _module in ("yaml", "tqdm"):  # the pipeline extra
 pytest.importorskip("open_clip")
 
 from unicom import atomic, config  # noqa: E402
+from unicom.data import DataError  # noqa: E402
 from unicom.demo import TINY_CLIP, TINY_NAME  # noqa: E402
 from unicom.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from unicom.train import TrainConfig, latest_checkpoint, load_trained, read_metrics, train  # noqa: E402
+from unicom.train import main as train_main  # noqa: E402
+
+train_module = importlib.import_module("unicom.train")
 
 
 def write_bar_images(root, classes: int, per_class: int, bar: int = 2):
@@ -107,6 +115,84 @@ def test_bad_training_input(dataset, tmp_path):
         train(make_cfg(dataset, tmp_path / "c", pseudo_labels=str(tmp_path / "none")))
     with pytest.raises(Exception, match="arch must be"):
         train(make_cfg(dataset, tmp_path / "c", arch="resnet"))
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fail loudly if the model is built: the errors under test must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the input was checked")
+
+    monkeypatch.setattr(train_module, "build_model", refuse)
+
+
+def test_num_classes_below_the_largest_label_is_refused_at_start(dataset, tmp_path, no_model):
+    with pytest.raises(config.ConfigError, match=r"'num_classes' is 2, but .* holds label 3.*at least 4"):
+        train(make_cfg(dataset, tmp_path / "c", num_classes=2))
+
+
+def write_cls_shards(root, shards=2, per=8, classes=4):
+    """Webdataset shards ``root/s-N.tar`` of 8x8 PNGs with ``.cls`` labels ``0..classes-1`` in turn."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        with tarfile.open(root / f"s-{s}.tar", "w") as tar:
+            for i in range(per):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(buffer, format="PNG")
+                for ext, data in (("png", buffer.getvalue()), ("cls", str((s * per + i) % classes).encode())):
+                    info = tarfile.TarInfo(f"{s}_{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_stream_label_above_num_classes_is_a_config_error(dataset, tmp_path, one_thread):
+    """A stream reads its own labels only while training: the batch holding one of no class stops the run
+    with an error naming num_classes, not the loss' traceback."""
+    shards = write_cls_shards(tmp_path / "shards")
+    cfg = make_cfg(dataset, tmp_path / "c", data=str(shards), data_mode="stream", num_classes=2, batch_size=4)
+    with pytest.raises(config.ConfigError, match=r"'num_classes' is 2, but the shards .* hold label [23]"):
+        train(cfg)
+
+
+def cluster_folder(path, labels, centroids):
+    atomic.save_npy(path / "labels.npy", labels)
+    atomic.save_npy(path / "centroids.npy", centroids)
+    return path
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name", ["labels.npy", "centroids.npy"])
+def test_damaged_pseudo_label_files_are_named(dataset, tmp_path, no_model, name):
+    folder = cluster_folder(tmp_path / "cl", np.arange(48, dtype=np.int32) % 4, np.zeros((4, 16), np.float32))
+    truncate(folder / name)
+    with pytest.raises(DataError, match=rf"cl/{name} is damaged or unreadable") as err:
+        train(make_cfg(dataset, tmp_path / "c", pseudo_labels=str(folder)))
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_pseudo_labels_end_the_command_with_status_2(dataset, tmp_path, no_model, capsys):
+    folder = cluster_folder(tmp_path / "cl", np.arange(48, dtype=np.int32) % 4, np.zeros((4, 16), np.float32))
+    truncate(folder / "labels.npy")
+    argv = ["--data", str(dataset / "imgs"), "--output-dir", str(tmp_path / "c"), "--pseudo-labels", str(folder)]
+    with pytest.raises(SystemExit) as exc:
+        train_main([*argv, "--device", "cpu", "--num-workers", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unicom-train: error: ") and err.count("\n") == 1 and "labels.npy" in err
+
+
+def test_pseudo_labels_beyond_the_centroids_are_refused(dataset, tmp_path, no_model):
+    """labels.npy and centroids.npy of two runs: a label with no centroid is named, before the model."""
+    folder = cluster_folder(tmp_path / "cl", np.arange(48, dtype=np.int32) % 4, np.zeros((3, 16), np.float32))
+    with pytest.raises(config.ConfigError, match=r"'num_classes' is 3 .* holds label 3"):
+        train(make_cfg(dataset, tmp_path / "c", pseudo_labels=str(folder)))
 
 
 def test_bad_images_are_ignored_and_counted_when_asked(dataset, tmp_path):

@@ -104,6 +104,9 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
     if base is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value.strip())  # exact: a float would round integers above 2**53
         number = _number(value)
         if number is None or not number.is_integer():
             raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
@@ -120,18 +123,35 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: its problem and where (PyYAML's own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_section(path: str | Path, section: str, cls: type) -> dict[str, Any]:
     """Read ``section`` of the YAML file ``path`` and check its keys against ``cls``'s fields.
 
     Returns a dict of validated values (possibly empty when the section is absent).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is damaged or not UTF-8 text: byte {exc.start} is {exc.object[exc.start]:#04x}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} is unreadable: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must be a mapping of sections {SECTIONS}")
     unknown_sections = sorted(set(doc) - set(SECTIONS))

@@ -299,14 +299,56 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _open_npy(path: Path, ndim: int, kinds: str) -> np.ndarray:
+    """``path`` memory-mapped, checked to be an ``ndim``-d array of a dtype kind in ``kinds``; a truncated,
+    corrupt or foreign file raises :class:`DataError` naming it."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:  # by damage: a short header, a short body, a pickle
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"{path} is damaged or unreadable (truncated or corrupt?): {type(exc).__name__}: {first}; "
+            "rerun unicom-cluster"
+        ) from None
+    if array.ndim != ndim or array.dtype.kind not in kinds:
+        raise DataError(
+            f"{path} is damaged or not a unicom-cluster file: a {array.ndim}-d {array.dtype} array, "
+            f"expected {ndim}-d {'integer' if kinds == 'iu' else 'float'}; rerun unicom-cluster"
+        )
+    return array
+
+
+def _label_range(labels: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    """Smallest and largest value of ``labels`` (memory-mapped: read in chunks); ``(0, -1)`` when empty."""
+    low, high = 0, -1
+    for a in range(0, len(labels), chunk):
+        part = np.asarray(labels[a : a + chunk])
+        low = int(part.min()) if a == 0 else min(low, int(part.min()))
+        high = max(high, int(part.max()))
+    return low, high
+
+
 def cluster_files(cluster_dir: str) -> tuple[Path, int]:
     """``(labels.npy path, number of classes)`` of a ``unicom-cluster`` output folder; the classes are the
-    rows of ``centroids.npy`` (the kept clusters), read from its header."""
-    paths = [Path(cluster_dir) / name for name in ("labels.npy", "centroids.npy")]
+    rows of ``centroids.npy`` (the kept clusters), read from its header.
+
+    Both files are checked before training: a damaged file raises :class:`DataError` naming it, a
+    label outside ``[-1, classes)`` (the files of two runs) :class:`ConfigError` naming ``num_classes``.
+    """
+    labels_path, centroids_path = paths = [Path(cluster_dir) / name for name in ("labels.npy", "centroids.npy")]
     for p in paths:
         if not p.is_file():
             raise DataError(f"pseudo-label file not found: {p} (run unicom-cluster first)")
-    return paths[0], int(np.load(paths[1], mmap_mode="r").shape[0])
+    num_classes = int(_open_npy(centroids_path, 2, "f").shape[0])
+    low, high = _label_range(_open_npy(labels_path, 1, "iu"))
+    if high >= num_classes or low < IGNORE_INDEX:
+        bad = high if high >= num_classes else low
+        raise config.ConfigError(
+            f"'num_classes' is {num_classes} (the rows of {centroids_path}), but {labels_path} holds label {bad} "
+            f"(labels must be in [-1, {num_classes})): the two files come from different unicom-cluster runs "
+            "or are damaged; rerun unicom-cluster"
+        )
+    return labels_path, num_classes
 
 
 def uses_stream(cfg: TrainConfig) -> bool:
@@ -324,10 +366,16 @@ def indexed_labels(cfg: TrainConfig, source: Source) -> tuple[np.ndarray, int]:
     pseudo-labels joined by position, or the data's own."""
     if not cfg.pseudo_labels:
         own = source.labels()
-        return own, cfg.num_classes or int(own.max()) + 1
+        largest = int(own.max()) if len(own) else -1
+        if cfg.num_classes is not None and largest >= cfg.num_classes:
+            raise config.ConfigError(
+                f"'num_classes' is {cfg.num_classes}, but {source.description} holds label {largest} (labels must "
+                f"be in [0, num_classes)): set num_classes to at least {largest + 1}, or leave it unset"
+            )
+        return own, cfg.num_classes or largest + 1
     labels_path, num_classes = cluster_files(cfg.pseudo_labels)
     if not cfg.features_dir:
-        labels = np.load(labels_path, mmap_mode="r")
+        labels = _open_npy(labels_path, 1, "iu")
         if len(labels) != len(source):
             raise config.ConfigError(
                 f"{labels_path} holds {len(labels)} labels for the {len(source)} samples of {source.description}: "
@@ -357,6 +405,17 @@ def stream_labels(cfg: TrainConfig) -> tuple[PositionLabels | None, int]:
         raise config.ConfigError("data_mode=stream joins pseudo-labels through the shard table: set features_dir")
     labels_path, num_classes = cluster_files(cfg.pseudo_labels)
     return PositionLabels.open(cfg.features_dir, labels_path), num_classes
+
+
+def check_stream_labels(labels: torch.Tensor, num_classes: int, data: str) -> None:
+    """Raise :class:`ConfigError` naming ``num_classes`` when a batch of a stream's own ``.cls`` labels
+    (a CPU tensor, ``-1`` = none) holds a label of no class, instead of the loss failing on it."""
+    largest = int(labels.max()) if len(labels) else -1
+    if largest >= num_classes:
+        raise config.ConfigError(
+            f"'num_classes' is {num_classes}, but the shards {data} hold label {largest} (labels must be in "
+            f"[0, num_classes)): set num_classes to at least {largest + 1}"
+        )
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -688,6 +747,8 @@ def train(cfg: TrainConfig) -> dict:
             batching = {"dataset": subset, "batch_sampler": sampler}
         loader = torch.utils.data.DataLoader(**batching, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         for images, batch_labels, _, ok in loader:
+            if stream and join is None:  # the data's own .cls labels: not read before training
+                check_stream_labels(batch_labels, num_classes, cfg.data)
             images = images.to(device, non_blocking=True)
             batch_labels = batch_labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext():
