@@ -7,9 +7,15 @@
   architecture, or ``arch`` / ``embedding_dim`` / ``model_config``) - the "before training" baseline;
 - ``pixels``: raw pixels resized to ``pixel_size`` - the "no learning" baseline;
 - ``clip``: open_clip image features (``clip_model``, ``pretrained``, ``model_config``);
-- ``features``: a ``unicom-features`` folder, joined to the data by sample id.
+- ``features``: a ``unicom-features`` folder, joined to the data by position (through its shard table,
+  when that lists the data's shards or folder and the ids agree), else by sample id (an id that occurs
+  twice in the features or the data is an error: the join would be ambiguous).
 
-Leave-one-out over ``data`` by default; with ``gallery`` set, ``data`` is the query set.
+Leave-one-out over ``data`` by default; with ``gallery`` set, ``data`` is the query set. When both sets
+name their classes (class sub-folders, list files with text labels), gallery labels are matched to the
+query's by class name: a gallery class the query set lacks matches no query; with integer labels
+(``.cls``, numeric list labels) the numbers are compared. Every source is opened and its labels are
+checked before anything is embedded.
 With ``output`` set, the metrics go there as JSON and, as a markdown table, beside it (``.md``).
 """
 
@@ -27,10 +33,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import atomic, config, dist
-from .data import DataError, ImageDataset, Source, open_source
+from .data import FORMATS, DataError, ImageDataset, Source, open_source
 from .features import FeatureStore
 from .metrics import retrieval_metrics
 from .model import build_model, eval_transform, load_clip, pixel_transform
+from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 METHODS = ("checkpoint", "untrained", "pixels", "clip", "features")
 
@@ -69,6 +76,8 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         config.required("data", self.data)
+        config.choice("data_format", self.data_format, FORMATS)
+        config.choice("gallery_format", self.gallery_format, FORMATS)
         config.choice("method", self.method, METHODS)
         if self.method == "checkpoint":
             config.required("checkpoint", self.checkpoint)
@@ -78,6 +87,11 @@ class EvaluateConfig:
             config.required("features_dir", self.features_dir)
         if not self.ks or min(self.ks) < 1:
             raise config.ConfigError(f"'ks' must be positive integers, got {self.ks}")
+        config.positive("knn_k", self.knn_k, allow_zero=True)
+        config.positive("batch_size", self.batch_size)
+        config.positive("num_workers", self.num_workers, allow_zero=True)
+        config.positive("pixel_size", self.pixel_size)
+        config.positive("embedding_dim", self.embedding_dim)
         config.device("device", self.device)
         if self.output:
             if Path(self.output).is_dir():
@@ -124,25 +138,121 @@ def embed(
     return torch.cat(feats).numpy(), torch.cat(labels).numpy(), skipped
 
 
-def _embed_source(cfg: EvaluateConfig, source: Source, device: torch.device, progress: bool) -> tuple:
-    if cfg.method == "features":
-        store = FeatureStore(cfg.features_dir)
-        position = {i: n for n, i in enumerate(store.ids)}
-        rows = [position.get(i, -1) for i in source.ids]
-        keep = np.array([r >= 0 for r in rows])
-        if not keep.any():
-            raise DataError(f"no sample id of {source.description} is in the features {cfg.features_dir}")
-        feats = store.take(np.array([r for r in rows if r >= 0], dtype=np.int64))
-        return feats, source.labels()[keep], int((~keep).sum())
+def _open_labelled(path: str, data_format: str, root: str | None, skip_bad: bool, query: bool) -> Source:
+    """Open one evaluation set; a query sample without a label is an error (gallery ones match no query).
+
+    Samples found damaged while indexing (``skip_bad``) are skipped when embedding, so need no label."""
+    source = open_source(path, data_format, root, skip_bad=skip_bad)
+    if query and any(r.label is None and r.error is None for r in source.records):
+        raise DataError(f"{source.description} has unlabelled samples; evaluation needs class sub-folders/labels")
+    return source
+
+
+def gallery_label_map(query: Source, gallery: Source) -> np.ndarray | None:
+    """``[gallery classes]`` int64: the query label of each gallery class, matched by class name.
+
+    A gallery class the query set lacks gets a label no query has. None when either source has no
+    class names (integer labels): the label numbers are compared as they are.
+    """
+    if not (query.class_names and gallery.class_names):
+        return None
+    index = {name: i for i, name in enumerate(query.class_names)}
+    unmatched = len(query.class_names)
+    return np.array([index.get(n, unmatched + j) for j, n in enumerate(gallery.class_names)], dtype=np.int64)
+
+
+def _relabel(labels: np.ndarray, mapping: np.ndarray | None) -> np.ndarray:
+    """``labels`` through ``mapping`` (see :func:`gallery_label_map`); ``-1`` (no label) stays."""
+    if mapping is None:
+        return labels
+    return np.where(labels >= 0, mapping[np.maximum(labels, 0)], labels)
+
+
+def _first_duplicate(ids: list[str]) -> str | None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+def _rows_by_position(store: FeatureStore, source: Source, ids: list[str]) -> np.ndarray | None:
+    """The feature row of each sample joined by (unit, position) through the store's shard table, or None
+    when the store has no table (an older layout), or the table does not cover the source's units with
+    their sample counts, or an id disagrees. A damaged table or positions file is a :class:`DataError`."""
+    positions_path = store.path / POSITIONS_FILE
+    if not (store.path / TABLE_FILE).is_file() or not positions_path.is_file():
+        return None
+    table = ShardTable.load(store.path)
+    fix = "recompute the features (unicom-features --overwrite)"
+    try:
+        positions = np.load(positions_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise DataError(f"{positions_path} is damaged (not a readable .npy array: {exc}); {fix}") from None
+    if positions.shape != (len(ids),) or int(table.rows.sum()) != len(ids):
+        raise DataError(
+            f"{positions_path} ({positions.shape[0] if positions.ndim else 0} positions) and {TABLE_FILE} "
+            f"({int(table.rows.sum())} rows) do not match the {len(ids)} feature rows of {store.path}; {fix}"
+        )
+    index = {name: u for u, name in enumerate(table.names)}
+    if len(index) != len(table.names):
+        return None
+    rows = np.full(len(source), -1, np.int64)
+    offset = 0
+    for name, n in source.units:
+        u = index.get(name)
+        if u is None or int(table.samples[u]) != n:
+            return None
+        lo, count = int(table.start[u]), int(table.rows[u])
+        pos = np.asarray(positions[lo : lo + count], dtype=np.int64)
+        if count and (pos.min() < 0 or pos.max() >= n):
+            return None
+        rows[offset + pos] = np.arange(lo, lo + count)
+        offset += n
+    source_ids = source.ids
+    if any(ids[rows[i]] != source_ids[i] for i in np.flatnonzero(rows >= 0)):
+        return None
+    return rows
+
+
+def feature_rows(store: FeatureStore, source: Source) -> np.ndarray:
+    """``[len(source)]`` int64: the feature row of each sample, ``-1`` where it has none.
+
+    Joined by position when the store's shard table covers the source (see :func:`_rows_by_position`),
+    else by sample id; an id that occurs twice (tar shards reusing keys) is then a :class:`DataError`.
+    """
+    ids = store.ids
+    rows = _rows_by_position(store, source, ids)
+    if rows is not None:
+        return rows
+    for where, dup in (("the features", _first_duplicate(ids)), ("the data", _first_duplicate(source.ids))):
+        if dup is not None:
+            raise DataError(
+                f"sample id {dup!r} occurs more than once in {where}: the features {store.path} cannot be joined to "
+                f"{source.description} by id, nor by position (no shard table of theirs lists its shards)"
+            )
+    position = {i: n for n, i in enumerate(ids)}
+    return np.array([position.get(i, -1) for i in source.ids], dtype=np.int64)
+
+
+def _take_features(store: FeatureStore, source: Source, rows: np.ndarray) -> tuple:
+    """(features, labels, samples without a row) of ``source`` joined through ``rows`` (:func:`feature_rows`)."""
+    keep = rows >= 0
+    wanted = rows[keep]
+    order = np.argsort(wanted, kind="stable")
+    feats = np.empty((len(wanted), store.dim), np.float32)
+    feats[order] = store.take(wanted[order])
+    return feats, source.labels()[keep], int((~keep).sum())
+
+
+def _encoder(cfg: EvaluateConfig, device: torch.device) -> tuple[torch.nn.Module | None, Callable]:
+    """The model (None = raw pixels) and transform of ``cfg.method`` (not ``features``)."""
     if cfg.method == "pixels":
-        transform = pixel_transform(cfg.pixel_size)
-        return embed(None, source, transform, cfg.batch_size, cfg.num_workers, device, cfg.skip_bad, progress)
+        return None, pixel_transform(cfg.pixel_size)
     if cfg.method == "clip":
         clip, _, size = load_clip(cfg.clip_model, cfg.pretrained, cfg.model_config, device)
-        encoder = _ClipImage(clip)
-        return embed(
-            encoder, source, eval_transform(size), cfg.batch_size, cfg.num_workers, device, cfg.skip_bad, progress
-        )
+        return _ClipImage(clip), eval_transform(size)
     from .train import load_trained
 
     if cfg.checkpoint:
@@ -150,8 +260,7 @@ def _embed_source(cfg: EvaluateConfig, source: Source, device: torch.device, pro
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch or "", cfg.embedding_dim, cfg.pretrained, cfg.model_config).to(device).eval()
-    transform = eval_transform(model.image_size, model.mean, model.std)
-    return embed(model, source, transform, cfg.batch_size, cfg.num_workers, device, cfg.skip_bad, progress)
+    return model, eval_transform(model.image_size, model.mean, model.std)
 
 
 class _ClipImage(torch.nn.Module):
@@ -165,15 +274,30 @@ class _ClipImage(torch.nn.Module):
 
 def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Run the evaluation; returns the metrics dict (also written to ``output`` when set)."""
+    cfg.validate()
     device = dist.resolve_device(cfg.device)
-    query_source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
-    q, ql, skipped = _embed_source(cfg, query_source, device, progress)
-    if (ql < 0).any():
-        raise DataError(f"{query_source.description} has unlabelled samples; evaluation needs class sub-folders/labels")
+    sources = [_open_labelled(cfg.data, cfg.data_format, cfg.data_root, cfg.skip_bad, query=True)]
+    if cfg.gallery:
+        sources.append(_open_labelled(cfg.gallery, cfg.gallery_format, None, cfg.skip_bad, query=False))
+    mapping = gallery_label_map(*sources) if cfg.gallery else None
+    if cfg.method == "features":
+        store = FeatureStore(cfg.features_dir)
+        joins = [feature_rows(store, source) for source in sources]
+        for source, rows in zip(sources, joins, strict=True):
+            if not (rows >= 0).any():
+                raise DataError(f"no sample id of {source.description} is in the features {cfg.features_dir}")
+        embedded = [_take_features(store, s, rows) for s, rows in zip(sources, joins, strict=True)]
+    else:
+        encoder, transform = _encoder(cfg, device)
+        embedded = [
+            embed(encoder, s, transform, cfg.batch_size, cfg.num_workers, device, cfg.skip_bad, progress)
+            for s in sources
+        ]
+    q, ql, skipped = embedded[0]
     g = gl = None
     if cfg.gallery:
-        gallery_source = open_source(cfg.gallery, cfg.gallery_format, skip_bad=cfg.skip_bad)
-        g, gl, g_skipped = _embed_source(cfg, gallery_source, device, progress)
+        g, gl, g_skipped = embedded[1]
+        gl = _relabel(gl, mapping)
         skipped += g_skipped
     result = retrieval_metrics(q, ql, g, gl, ks=cfg.ks, use_gpu=cfg.use_gpu, knn_k=cfg.knn_k)
     result.update(
