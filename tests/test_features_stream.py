@@ -4,6 +4,7 @@ of the samples; no header scan at start-up, nothing held per sample, resume by t
 import gc
 import io
 import json
+import re
 import tarfile
 import tracemalloc
 
@@ -310,6 +311,68 @@ def test_no_images_at_all(tmp_path):
         pass
     with pytest.raises(DataError, match="no images found"):
         extract(pixel_cfg(tmp_path / "shards", tmp_path / "feats"), quiet=True)
+
+
+def test_a_key_with_a_line_break_is_refused_before_its_tar_is_encoded(tmp_path, monkeypatch):
+    data = tmp_path / "shards"
+    write_wds(data, [[("png", True)] * 2, [("png", True)] * 3])
+    with tarfile.open(data / "shard-001.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(data / "shard-001.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for member, payload in members:
+            member.name = member.name.replace("k1_001", "k1\n001")
+            tar.addfile(member, io.BytesIO(payload))
+    out = tmp_path / "feats"
+    encoded, real = [], features._Rows.add
+    monkeypatch.setattr(features._Rows, "add", lambda self, *a: encoded.extend(a[3]) or real(self, *a))
+    with pytest.raises(
+        DataError, match=r"^sample 'k1\\n001' of webdataset shard .*shard-001\.tar: its id holds a line"
+    ):
+        extract(pixel_cfg(data, out, skip_bad=False), quiet=True)
+    assert encoded == ["k0_000", "k0_001"] and not shard_paths(out, 1).features.exists()  # none of tar 1
+    index = extract(pixel_cfg(data, out), quiet=True)  # --skip-bad: skipped and counted, the run resumes
+    assert index["rows"] == 4 and index["skipped"] == 1
+    assert FeatureStore(out).ids == ["k0_000", "k0_001", "k1_000", "k1_002"]
+    assert np.load(out / stream.POSITIONS_FILE).tolist() == [0, 1, 0, 2]
+
+
+def test_a_tar_damaged_in_the_middle_stops_the_run(wds, tmp_path):
+    """A damaged member header reads as the end of the archive to tarfile: neither a silent success with the
+    later samples lost, nor "0 skipped"."""
+    data, _ = wds
+    path = data / "shard-005.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmember("d5/004.png").offset
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\xff" * 100)
+    with pytest.raises(DataError, match=r"shard .*shard-005\.tar is damaged: the member header at byte"):
+        extract(pixel_cfg(data, tmp_path / "feats", skip_bad=True), quiet=True)  # the other tars' damage is skipped
+    assert (
+        shard_paths(tmp_path / "feats", 4).features.exists()
+        and not shard_paths(tmp_path / "feats", 5).features.exists()
+    )
+    assert not (tmp_path / "feats" / "index.json").exists()
+
+
+def test_damaged_shard_table_and_label_files_name_the_file(wds, tmp_path):
+    data, _ = wds
+    out = tmp_path / "feats"
+    extract(pixel_cfg(data, out), quiet=True)
+    atomic.save_npy(tmp_path / "labels.npy", np.zeros(len(FeatureStore(out)), np.int64))
+    for path, damage in [
+        (out / stream.TABLE_FILE, b"{not json"),
+        (out / stream.TABLE_FILE, b'{"names": ["a"], "samples": [1, 2], "start": [0], "rows": [1]}'),
+        (out / stream.POSITIONS_FILE, None),
+        (tmp_path / "labels.npy", None),
+        (tmp_path / "labels.npy", b"garbage"),
+    ]:
+        original = path.read_bytes()
+        path.write_bytes(original[: len(original) // 2] if damage is None else damage)
+        with pytest.raises(unicom.data.DamagedFileError, match=rf"^{re.escape(str(path))} is damaged"):
+            stream.PositionLabels.open(out, tmp_path / "labels.npy")
+        path.write_bytes(original)
+    assert len(stream.PositionLabels.open(out, tmp_path / "labels.npy").labels) == len(FeatureStore(out))
 
 
 # ---------------------------------------------------------------------------------------------------------------

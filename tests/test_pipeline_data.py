@@ -1,6 +1,8 @@
 """Data sources: image folder, CSV / list files, webdataset shards; bad images; the epoch sampler."""
 
 import io
+import re
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,9 +16,12 @@ from unicom.data import (  # noqa: E402
     DataError,
     EpochBatchSampler,
     ImageDataset,
+    expand_shards,
     folder_source,
+    iter_tar,
     list_source,
     open_source,
+    resolve_format,
     wds_source,
 )
 from unicom.model import eval_transform, train_transform  # noqa: E402
@@ -120,3 +125,56 @@ def test_epoch_sampler_partitions_and_resumes():
     assert list(EpochBatchSampler(23, 4, seed=1, epoch=1)) != list(EpochBatchSampler(23, 4, seed=1, epoch=0))
     with pytest.raises(DataError, match="batch_size"):
         EpochBatchSampler(3, 4, seed=0, epoch=0)
+
+
+def write_tar(path, names):
+    """A tar of one PNG per name; returns the byte offset of each member's header."""
+    offsets = []
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i, name in enumerate(names):
+            data = png_bytes(10 * i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            offsets.append(tar.offset)
+            tar.addfile(info, io.BytesIO(data))
+    return offsets
+
+
+@pytest.mark.parametrize("damage", [b"\xff" * 200, b"\0" * 512])
+def test_a_damaged_member_header_is_an_error_naming_the_shard(tmp_path, damage):
+    """tarfile takes an unreadable header past the first as the end of the archive: the samples after it
+    must not vanish silently, with skip_bad either (they can be neither read nor counted)."""
+    path = tmp_path / "s-000.tar"
+    offsets = write_tar(path, [f"{i}.png" for i in range(5)])
+    assert [t.key for t in iter_tar(str(path))] == ["0", "1", "2", "3", "4"]  # the end blocks are no damage
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.seek(offsets[2])
+        handle.write(damage)
+    assert path.stat().st_size == size
+    for skip_bad in (False, True):
+        with pytest.raises(DataError, match=rf"shard {re.escape(str(path))} is damaged.*byte {offsets[2]}"):
+            list(iter_tar(str(path), skip_bad=skip_bad))
+        with pytest.raises(DataError, match="s-000.tar is damaged"):
+            wds_source(str(path), skip_bad=skip_bad)
+
+
+def test_existing_paths_are_taken_literally(tmp_path):
+    """Names holding glob, brace or list characters are legal file names: an existing path is not a pattern."""
+    make_folder(tmp_path / "imgs")
+    for name in ("train[v2].csv", "train{v2}.csv", "a,b*?.csv"):
+        (tmp_path / name).write_text("path,label\nimgs/cat/0.png,0\nimgs/dog/1.png,1\n")
+        assert resolve_format(str(tmp_path / name)) == "list"
+        assert open_source(str(tmp_path / name)).ids == ["imgs/cat/0.png", "imgs/dog/1.png"]
+    shards = tmp_path / "shards[1]"
+    shards.mkdir()
+    write_tar(shards / "part,1.tar", ["a.png"])
+    write_tar(shards / "p{2}.tar", ["b.png"])
+    write_tar(shards / "q[3].tar", ["c.png"])
+    assert resolve_format(str(shards)) == "wds"  # a folder whose name holds [ ] still lists its tars
+    assert open_source(str(shards)).ids == ["a", "b", "c"]
+    for name in ("part,1.tar", "p{2}.tar", "q[3].tar"):
+        assert expand_shards(str(shards / name)) == [str(shards / name)]
+    listed = [str(shards / "p{2}.tar"), str(shards / "q[3].tar")]
+    assert expand_shards(",".join(listed)) == listed  # each existing part of a list is literal too
+    assert len(expand_shards(str(tmp_path / "sh*" / "*.tar"))) == 3  # a path that does not exist is a pattern

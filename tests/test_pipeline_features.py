@@ -1,6 +1,7 @@
 """Features with a tiny random-init open_clip model: shapes, normalisation, fp16, resume by shard."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ for _module in ("yaml", "tqdm"):  # the pipeline extra
 
 pytest.importorskip("open_clip")
 
-from unicom import atomic, config  # noqa: E402
-from unicom.data import DataError  # noqa: E402
+from unicom import atomic, config, features  # noqa: E402
+from unicom.data import DamagedFileError, DataError  # noqa: E402
 from unicom.demo import TINY_CLIP, TINY_NAME  # noqa: E402
 from unicom.features import FeaturesConfig, FeatureStore, extract, shard_paths  # noqa: E402
 from unicom.stream import POSITIONS_FILE, ShardTable  # noqa: E402
@@ -91,3 +92,101 @@ def test_pixels_and_bad_images(setup):
     assert table.start.tolist() == [0] and table.rows.tolist() == [9]
     assert np.load(tmp_path / "feats" / POSITIONS_FILE).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert np.load(shard_paths(tmp_path / "feats", 0).positions).tolist() == [0, 1, 2]
+
+
+def pixel_cfg(tmp_path, **kw):
+    values = dict(model="pixels", mode="image", pixel_size=4, dtype="float32")
+    values.update(kw)
+    return make_cfg(tmp_path, None, **values)
+
+
+def test_a_rerun_reading_other_images_is_refused(setup):
+    """Which images a folder or list file gives depends on data_root and on the list itself: both are
+    settings, so a rerun never mixes or reuses shards of other images."""
+    tmp_path, _ = setup
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(10):
+        Image.new("RGB", (12, 12), (25 * i, 0, 0)).save(other / f"{i:02d}.png")
+    (tmp_path / "list.txt").write_text("".join(f"{i:02d}.png\n" for i in range(10)))
+    out = tmp_path / "feats"
+    as_list = dict(data=str(tmp_path / "list.txt"))
+    extract(pixel_cfg(tmp_path, **as_list, data_root=str(tmp_path / "imgs")), quiet=True)
+    first = FeatureStore(out).rows()
+    shard_paths(out, 1).features.unlink()  # as if interrupted
+    (out / "index.json").unlink()
+    with pytest.raises(config.ConfigError, match=r"different settings \(\['data_root', 'input'\]\)"):
+        extract(pixel_cfg(tmp_path, **as_list, data_root=str(other)), quiet=True)
+    extract(pixel_cfg(tmp_path, **as_list, data_root=str(tmp_path / "imgs"), data_format="list"), quiet=True)
+    np.testing.assert_array_equal(FeatureStore(out).rows(), first)  # the same images, however the format is named
+    (tmp_path / "list.txt").write_text("".join(f"{9 - i:02d}.png\n" for i in range(10)))  # an edited list
+    with pytest.raises(config.ConfigError, match=r"different settings \(\['input'\]\)"):
+        extract(pixel_cfg(tmp_path, **as_list, data_root=str(tmp_path / "imgs")), quiet=True)
+    extract(pixel_cfg(tmp_path, **as_list, data_root=str(other), overwrite=True), quiet=True)
+    fresh = tmp_path / "fresh"
+    extract(pixel_cfg(tmp_path, **as_list, data_root=str(other), output_dir=str(fresh)), quiet=True)
+    np.testing.assert_array_equal(FeatureStore(out).rows(), FeatureStore(fresh).rows())
+
+
+def test_ids_end_at_newlines_only(tmp_path):
+    """str.splitlines() would also split at these characters (and the text mode of open() at '\\r')."""
+    names = [f"a{c}b.png" for c in ("\u2028", "\u2029", "\x0c", "\x1c", "\x1e", "\x85", "\r", "\x0b")] + ["z.png"]
+    for i, name in enumerate(names):
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "imgs" / name, format="PNG")
+    index = extract(pixel_cfg(tmp_path), quiet=True)
+    store = FeatureStore(tmp_path / "feats")
+    assert index["rows"] == len(store) == len(names) and store.ids == sorted(names)
+
+
+@pytest.mark.parametrize("mode", ["image", "text"])
+def test_an_id_with_a_line_break_is_refused_before_encoding(setup, monkeypatch, mode):
+    tmp_path, model_config = setup
+    (tmp_path / "imgs" / "03.png").rename(tmp_path / "imgs" / "0\n3.png")
+    (tmp_path / "imgs" / "03.txt").rename(tmp_path / "imgs" / "0\n3.txt")
+    kw = dict(mode=mode, dtype="float32") if mode == "text" else dict(model="pixels", pixel_size=4, mode=mode)
+    encode = features._Encoder.__call__
+    monkeypatch.setattr(features._Encoder, "__call__", lambda *a: pytest.fail("encoded before the check"))
+    with pytest.raises(DataError, match=r"^sample '0\\n3.png' of image folder .*imgs: its id holds a line break"):
+        extract(make_cfg(tmp_path, model_config, **kw), quiet=True)
+    assert not list((tmp_path / "feats").glob("shard_*"))
+    monkeypatch.setattr(features._Encoder, "__call__", encode)
+    index = extract(make_cfg(tmp_path, model_config, skip_bad=True, **kw), quiet=True)
+    assert index["rows"] == 9 and index["skipped"] == 1 and index["num_samples"] == 10
+    assert FeatureStore(tmp_path / "feats").ids == [f"{i:02d}.png" for i in range(10) if i != 3]
+    assert np.load(tmp_path / "feats" / POSITIONS_FILE).tolist() == list(range(1, 10))  # "0\n3.png" sorts first
+
+
+def test_damaged_files_are_one_error_naming_the_file(setup, capsys):
+    tmp_path, _ = setup
+    out = tmp_path / "feats"
+    cfg = pixel_cfg(tmp_path)
+    extract(cfg, quiet=True)
+    argv = ["--data", cfg.data, "--output-dir", str(out), "--model", "pixels", "--mode", "image"]
+    argv += ["--pixel-size", "4", "--dtype", "float32", "--shard-size", "4", "--num-workers", "0", "--device", "cpu"]
+
+    def damage(path, data=None):
+        original = path.read_bytes()
+        path.write_bytes(original[: len(original) // 2] if data is None else data)
+        return original
+
+    for name, data in [("shard_00001.npy", None), ("index.json", b"{not json"), ("index.json", b"[]")]:
+        original = damage(out / name, data)
+        with pytest.raises(DamagedFileError, match=rf"^{re.escape(str(out / name))} is damaged"):
+            FeatureStore(out)
+        (out / name).write_bytes(original)
+    original = damage(out / "meta.json", b"{not json")  # a rerun cannot tell which settings made the shards
+    with pytest.raises(SystemExit) as exit_info:
+        features.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith(f"unicom-features: error: {out / 'meta.json'} is damaged") and "--overwrite" in err
+    (out / "meta.json").write_bytes(original)
+    for name in ("shard_00001.pos.npy", "shard_00001.unit.json", "shard_00001.npy"):
+        damage(out / name, b"garbage" if name.endswith(".json") else None)
+        with pytest.raises(DamagedFileError, match=rf"^{re.escape(str(out / name))} is damaged.*delete .*00001\.npy"):
+            extract(cfg, quiet=True)
+        shard_paths(out, 1).features.unlink()  # what the message says to do: the shard is recomputed
+        assert extract(cfg, quiet=True)["rows"] == 10
+    (out / "meta.json").write_text("{not json")
+    assert extract(config.make(FeaturesConfig, {**vars(cfg), "overwrite": True}), quiet=True)["rows"] == 10

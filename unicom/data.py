@@ -21,7 +21,13 @@ Sources and their sample ids:
   exact resume); :mod:`unicom.features` and training's stream mode walk the tars with
   :func:`iter_tar` instead, holding no per-sample record.
   A truncated shard (or a ``.cls`` that is not an integer) is an error naming the shard; with
-  ``skip_bad`` its intact samples are kept and the damaged one is skipped and counted.
+  ``skip_bad`` its intact samples are kept and the damaged one is skipped and counted. A shard
+  damaged before its end (a member header that cannot be read, with data after it) is an error
+  naming the shard even with ``skip_bad``: the samples after the damage can be neither read nor
+  counted.
+
+A path that exists is taken literally (a file or folder whose name holds ``[ { * ? ,``); only a
+path that does not exist is read as a glob, brace pattern or comma-separated list.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import math
 import os
 import random
@@ -36,6 +43,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +68,49 @@ class DataError(UserError, RuntimeError):
             lines = [line for line in message.splitlines() if line.startswith(prefix)]
             message = lines[-1][len(prefix) :] if lines else message
         super().__init__(message)
+
+
+class DamagedFileError(DataError):
+    """A file the pipeline wrote (``.npy``, ``.json``) cannot be read back; the message names it."""
+
+
+def load_json(path: str | os.PathLike, fix: str = "") -> Any:
+    """The JSON in ``path``; :class:`DamagedFileError` naming the file when it cannot be parsed (``fix``
+    says what to do about it), :class:`DataError` when it is missing."""
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise damaged(path, f"not valid JSON: {exc}", fix) from None
+
+
+def load_npy(path: str | os.PathLike, mmap: bool = True, fix: str = "") -> np.ndarray:
+    """The ``.npy`` array in ``path`` (memory-mapped unless ``mmap`` is false); :class:`DamagedFileError`
+    naming the file when it is truncated or not an ``.npy`` file, :class:`DataError` when it is missing."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except (ValueError, EOFError, OSError) as exc:  # truncated data or header, garbage, a pickle
+        raise damaged(path, f"not a readable .npy array: {exc}", fix) from None
+
+
+def damaged(path: str | os.PathLike, why: str, fix: str = "") -> DamagedFileError:
+    """The :class:`DamagedFileError` saying that ``path`` is damaged (``why``), and ``fix`` when given."""
+    return DamagedFileError(f"{path} is damaged ({why})" + (f"; {fix}" if fix else ""))
+
+
+def id_problem(sample_id: str) -> str | None:
+    """Why ``sample_id`` cannot be a line of an ids file (one UTF-8 id per ``\\n``-ended line), or ``None``."""
+    if "\n" in sample_id:
+        return "its id holds a line break ('\\n'), and ids files hold one id per line"
+    try:
+        sample_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its id cannot be written as UTF-8 (a file name that is not valid UTF-8)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,12 +279,20 @@ def list_source(path: str | os.PathLike, root: str | os.PathLike | None = None) 
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths for a folder of ``.tar`` files, a glob, a brace pattern, or a comma-separated list."""
+    """Shard paths for a folder of ``.tar`` files, a glob, a brace pattern, or a comma-separated list.
+
+    A path that exists is taken literally, as a whole or as one part of the list, whatever characters
+    its name holds."""
     if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        paths = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    elif os.path.isfile(spec):
+        paths = [spec]
     else:
         paths = []
         for part in spec.split(","):
+            if os.path.isfile(part):
+                paths.append(part)
+                continue
             if "{" in part:
                 import braceexpand
 
@@ -312,6 +371,19 @@ def _tar_sample(
     return TarSample(position, key, image.offset_data, image.size, data, caption, label, error)
 
 
+def _check_end(shard: str, handle: io.BufferedReader, offset: int, file_size: int) -> None:
+    """Raise :class:`DataError` unless the bytes of ``shard`` from ``offset`` (where ``tarfile`` found no
+    further member) to its end are zero: the end-of-archive blocks and padding of a whole tar."""
+    handle.seek(offset)
+    while chunk := handle.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise DataError(
+                f"webdataset shard {shard} is damaged: the member header at byte {offset} cannot be read and data "
+                f"follows it (up to byte {file_size}), so the samples after it can be neither read nor counted "
+                "(--skip-bad cannot skip this; repair or remove the shard)"
+            )
+
+
 def iter_tar(shard: str, skip_bad: bool = False, read: bool = False, start: int = 0) -> Iterator[TarSample]:
     """The image samples of one tar shard in tar order, from position ``start`` on (earlier ones are passed
     over by their headers); image bytes too with ``read``. Members of a sample share a key and follow
@@ -319,6 +391,9 @@ def iter_tar(shard: str, skip_bad: bool = False, read: bool = False, start: int 
 
     A truncated shard (or a ``.cls`` that is not an integer) raises :class:`DataError` naming the
     shard; with ``skip_bad`` the damaged sample comes with its ``error`` and the walk ends there.
+    A shard whose walk stops before its end (an unreadable member header with data after it: the
+    ``tarfile`` module reads such a header as the end of the archive) raises :class:`DataError`
+    naming the shard and the byte, with ``skip_bad`` too: what follows can be neither read nor counted.
     """
     file_size = os.path.getsize(shard)
     key, members, position = None, {}, 0
@@ -332,6 +407,8 @@ def iter_tar(shard: str, skip_bad: bool = False, read: bool = False, start: int 
                 else:
                     # A whole archive ends with zero blocks; less than one block left = a header cut off.
                     cut_off = member is None and file_size - tar.offset < tarfile.BLOCKSIZE
+                if member is None and tar.offset + tarfile.BLOCKSIZE <= file_size:
+                    _check_end(shard, handle, tar.offset, file_size)
                 tar.members = []  # tarfile keeps every header it has read; a walk needs none of them
                 name = split_key(member.name) if member is not None and member.isfile() else None
                 if member is None or (name and name[0] != key):
@@ -378,12 +455,12 @@ def resolve_format(path: str, data_format: str = "auto") -> str:
         raise DataError("no data path given")
     if data_format != "auto":
         return data_format
-    if os.path.isdir(path):
-        return "wds" if glob.glob(os.path.join(path, "*.tar")) else "folder"
-    if path.endswith(".tar") or "{" in path or any(c in path for c in "*?["):
-        return "wds"
+    if os.path.isdir(path):  # an existing path is taken literally, whatever its name holds
+        return "wds" if glob.glob(os.path.join(glob.escape(path), "*.tar")) else "folder"
     if os.path.isfile(path):
-        return "list"
+        return "wds" if path.endswith(".tar") else "list"
+    if path.endswith(".tar") or any(c in path for c in "{*?["):
+        return "wds"
     raise DataError(f"data path not found: {path}")
 
 

@@ -31,6 +31,11 @@ Output folder::
     positions.npy            [N] int32 position of every row inside its unit
     ids.txt, index.json      written last: all ids in row order; shard list, dim, counts
 
+Ids files hold one id per ``\\n``-ended line; a sample whose id holds a ``\\n`` is an error naming it (for
+a folder or list file before anything is encoded, for a tar when it is read, before its shard is
+written), or with ``skip_bad`` skipped and counted. A damaged file of the folder (truncated ``.npy``,
+unreadable JSON) is a :class:`unicom.data.DamagedFileError` naming it and what to do.
+
 Rows follow the source order, so they come unit by unit: the labels k-means writes in row order
 join back to samples by (unit, position), ids stay for looking images up. Positions count the
 samples that have an image, in tar order (as :mod:`unicom.stream` does). ``ids.txt`` and
@@ -40,17 +45,18 @@ A shard is done when its ``.npy`` exists (written atomically after its other fil
 skips it. Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes the index.
 
 A rerun with other settings (see ``meta.json``; for webdataset shards it records the tars' names,
-sizes and modification times, not their sample counts) is refused unless ``--overwrite``, which
-first deletes the old ``index.json``, ``ids.txt`` and shards, then writes the new ``meta.json``: a
-run killed part-way leaves no index (readers refuse the folder) and a rerun with the new settings
-resumes it. A folder without any shard (a run that failed before its first one) holds nothing
-to protect: a rerun with other settings takes it over.
+sizes and modification times, not their sample counts; for a folder or list file, the sample count,
+``data_root`` and a digest of the samples' ids and absolute paths, and of their captions in a mode
+that reads them) is refused unless ``--overwrite``, which first deletes the old ``index.json``,
+``ids.txt`` and shards, then writes the new ``meta.json``: a run killed part-way leaves no index
+(readers refuse the folder) and a rerun with the new settings resumes it. A folder without any
+shard (a run that failed before its first one) holds nothing to protect: a rerun with other
+settings takes it over.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -64,7 +70,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import atomic, config, dist
-from .data import DataError, ImageDataset, Source, decode_image, expand_shards, iter_tar, open_source, resolve_format
+from .data import (
+    DataError,
+    ImageDataset,
+    Source,
+    damaged,
+    decode_image,
+    expand_shards,
+    id_problem,
+    iter_tar,
+    load_json,
+    load_npy,
+    open_source,
+    resolve_format,
+)
 from .model import eval_transform, load_clip, pixel_transform
 from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
@@ -210,10 +229,36 @@ def resolve_mode(cfg: FeaturesConfig, source: Source | TarShards, quiet: bool = 
     return cfg.mode
 
 
+def _source_digest(source: Source, captions: bool) -> str:
+    """A digest of which images an indexed source reads, in order: each sample's id and absolute file path
+    (and caption, in a mode that reads them). Another ``data_root``, an edited list file, renamed or
+    moved images, or the same relative paths given from another folder change it."""
+    digest = hashlib.sha256()
+    for r in source.records:
+        caption = (r.caption or "") if captions else ""
+        line = f"{r.id}\0{os.path.abspath(r.location)}\0{caption}\n"
+        digest.update(line.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _check_ids(source: Source, skip_bad: bool) -> None:
+    """Refuse, before anything is encoded, a sample whose id cannot be a line of the ids files (a
+    ``\\n`` in a file name); with ``skip_bad`` mark it unusable instead, so that it is skipped and counted."""
+    for i, r in enumerate(source.records):
+        problem = id_problem(r.id)
+        if problem is None:
+            continue
+        message = f"sample {r.id!r} of {source.description}: {problem}"
+        if not skip_bad:
+            raise DataError(f"{message} (rename the file, or --skip-bad skips such samples)")
+        source.records[i] = replace(r, error=message)
+
+
 def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards) -> dict:
     keep = (
         "data",
         "data_format",
+        "data_root",
         "model",
         "pretrained",
         "model_config",
@@ -224,12 +269,16 @@ def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards) -> dict:
         "seed",
     )
     meta = {k: v for k, v in asdict(cfg).items() if k in keep}
+    meta["data_format"] = resolve_format(cfg.data, cfg.data_format)  # what was read, however it was named
+    if meta["data_format"] != "list":
+        meta["data_root"] = None  # it places the relative paths of a list file only
     if isinstance(source, TarShards):
         meta["shard_size"] = None  # one output shard per tar
         meta["num_tars"] = len(source)
         meta["input"] = source.fingerprint()
     else:
         meta["num_samples"] = len(source)
+        meta["input"] = _source_digest(source, cfg.mode in CAPTION_MODES)
     meta["random_init"] = cfg.model != "pixels" and not cfg.pretrained
     meta["layout"] = LAYOUT
     return meta
@@ -317,7 +366,7 @@ class _Rows:
 def _captions(source: Source, indices: list[int]) -> tuple[list[int], list[str]]:
     """The ``indices`` of samples with a caption, and their captions; :func:`resolve_mode` has made sure
     that any others are to be skipped."""
-    keep = [i for i in indices if source.records[i].caption]
+    keep = [i for i in indices if source.records[i].caption and not source.records[i].error]
     return keep, [source.records[i].caption for i in keep]
 
 
@@ -403,6 +452,14 @@ class _TarBatches(torch.utils.data.IterableDataset):
             batch.read += 1
             if sample.error:  # a damaged sample of a skip_bad walk
                 continue
+            problem = id_problem(sample.key)
+            if problem:
+                if not self.skip_bad:
+                    raise DataError(
+                        f"sample {sample.key!r} of webdataset shard {path}: {problem} (rename the member, or "
+                        "--skip-bad skips such samples)"
+                    )
+                continue
             if batch.captions is not None and not sample.caption:
                 if not self.skip_bad:
                     raise DataError(
@@ -468,7 +525,8 @@ def _copy_positions(handle: IO[bytes], shards: list[ShardFiles], total: int) -> 
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False, "shape": (total,)}
     np.lib.format.write_array_header_1_0(handle, header)
     for files in shards:
-        handle.write(np.ascontiguousarray(np.load(files.positions), dtype=np.int32).tobytes())
+        positions = load_npy(files.positions, mmap=False, fix=f"delete {files.features} and rerun to recompute it")
+        handle.write(np.ascontiguousarray(positions, dtype=np.int32).tobytes())
 
 
 def _write_index(out: Path, meta: dict, num_shards: int, description: str, quiet: bool) -> dict:
@@ -481,11 +539,14 @@ def _write_index(out: Path, meta: dict, num_shards: int, description: str, quiet
     units: list[int] = []
     for s in range(num_shards):
         f = shard_paths(out, s)
-        unit = json.loads(f.unit.read_text())
-        shape = np.load(f.features, mmap_mode="r").shape
+        fix = f"delete {f.features} and rerun to recompute the shard"
+        unit = load_json(f.unit, fix)
+        if not isinstance(unit, dict) or not {"unit", "name", "samples"} <= set(unit):
+            raise damaged(f.unit, "not a unit record", fix)
+        shape = load_npy(f.features, fix=fix).shape
         n = int(shape[0])
         dim = dim or (int(shape[1]) if n else 0)
-        if int(np.load(f.positions, mmap_mode="r").shape[0]) != n:
+        if int(load_npy(f.positions, fix=fix).shape[0]) != n:
             raise DataError(f"{f.features} has {n} rows but {f.positions} does not hold {n} positions")
         if units and units[-1] == unit["unit"]:  # the next range of the same unit (an indexed source)
             samples[-1] += unit["samples"]
@@ -529,16 +590,26 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
     info = dist.setup(cfg.device, timeout_hours=24)
     source = open_input(cfg)
     streamed = isinstance(source, TarShards)
+    if not streamed:
+        _check_ids(source, cfg.skip_bad)
     cfg = replace(cfg, mode=resolve_mode(cfg, source, quiet or not info.is_main))
     out = Path(cfg.output_dir)
     meta = _fingerprint(cfg, source)
     meta_path = out / "meta.json"
     if info.is_main:
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
+            fix = "it records the settings of the shards there: use another output_dir or --overwrite"
+            try:
+                old = load_json(meta_path, fix)
+            except DataError:
+                if not cfg.overwrite and any(out.glob("shard_*.npy")):
+                    raise
+                old = None  # nothing to protect, or to be replaced anyway
             if old != meta:
                 if not cfg.overwrite and any(out.glob("shard_*.npy")):
-                    diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                    if not isinstance(old, dict):
+                        raise damaged(meta_path, "not a JSON object", fix)
+                    diff = sorted(k for k in set(old) | set(meta) if k not in old or k not in meta or old[k] != meta[k])
                     raise config.ConfigError(
                         f"{out} holds features made with different settings ({diff}); "
                         "use another output_dir or --overwrite"
@@ -598,18 +669,37 @@ class FeatureStore:
         index_path = self.path / "index.json"
         if not index_path.is_file():
             raise DataError(f"feature index not found: {index_path} (run unicom-features to completion first)")
-        self.index = json.loads(index_path.read_text())
-        self.shards = [np.load(self.path / s["file"], mmap_mode="r") for s in self.index["shards"]]
+        fix = "recompute the features (unicom-features --overwrite)"
+        self.index = load_json(index_path, fix)
+        try:
+            files, self.dim = [str(s["file"]) for s in self.index["shards"]], int(self.index["dim"])
+        except (TypeError, KeyError, ValueError):
+            raise damaged(index_path, "not a feature index", fix) from None
+        self.shards = [load_npy(self.path / f, fix=fix) for f in files]
+        for f, shard in zip(files, self.shards, strict=True):
+            if shard.ndim != 2 or (len(shard) and shard.shape[1] != self.dim):
+                raise damaged(self.path / f, f"shape {shard.shape}, not [rows, {self.dim}]", fix)
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
-        self.dim = int(self.index["dim"])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     @property
     def ids(self) -> list[str]:
-        """Sample ids in row order."""
-        return (self.path / "ids.txt").read_text(encoding="utf-8").splitlines()
+        """Sample ids in row order: the ``\\n``-ended lines of ``ids.txt`` (no other character ends a line)."""
+        path = self.path / "ids.txt"
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise DataError(f"file not found: {path} (run unicom-features to completion first)") from None
+        except UnicodeDecodeError as exc:
+            raise damaged(path, f"not UTF-8: {exc}", "recompute the features") from None
+        ids = text.split("\n")
+        if ids.pop() != "" or len(ids) != len(self):
+            raise damaged(
+                path, f"it does not list the {len(self)} ids of the rows, one a line", "recompute the features"
+            )
+        return ids
 
     def rows(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """Rows ``[start, end)`` as a float32 ``[end - start, dim]`` array."""

@@ -32,7 +32,6 @@ indexes them.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -44,7 +43,7 @@ import torch
 from PIL import Image
 
 from . import atomic
-from .data import DataError, TarSample, decode_image, iter_tar, seeded_transform
+from .data import DataError, TarSample, damaged, decode_image, iter_tar, load_json, load_npy, seeded_transform
 
 TABLE_FILE, POSITIONS_FILE = "shards.json", "positions.npy"
 
@@ -71,9 +70,16 @@ class ShardTable:
         path = Path(folder) / TABLE_FILE
         if not path.is_file():
             raise DataError(f"shard table not found: {path} (recompute the features with this version)")
-        raw = json.loads(path.read_text())
-        arrays = {k: np.asarray(raw[k], dtype=np.int64) for k in ("samples", "start", "rows")}
-        return cls(list(raw["names"]), **arrays)
+        fix = "recompute the features (unicom-features --overwrite)"
+        raw = load_json(path, fix)
+        try:
+            arrays = {k: np.asarray(raw[k], dtype=np.int64) for k in ("samples", "start", "rows")}
+            names = [str(n) for n in raw["names"]]
+        except (TypeError, KeyError, ValueError, OverflowError):
+            raise damaged(path, "not a shard table", fix) from None
+        if any(a.shape != (len(names),) for a in arrays.values()):
+            raise damaged(path, "its lists have different lengths", fix)
+        return cls(names, **arrays)
 
     @classmethod
     def scan(cls, shards: list[str]) -> ShardTable:
@@ -96,8 +102,15 @@ class PositionLabels:
         """The table and positions of a features folder joined to a k-means ``labels.npy``."""
         table = ShardTable.load(features_dir)
         positions_path = Path(features_dir) / POSITIONS_FILE
-        positions = np.load(positions_path, mmap_mode="r") if positions_path.is_file() else None
-        return cls(table, np.load(labels_path, mmap_mode="r"), positions)
+        positions, fix = None, "recompute the features (unicom-features --overwrite)"
+        if positions_path.is_file():
+            positions = load_npy(positions_path, fix=fix)
+            if positions.shape != (int(table.rows.sum()),):
+                raise damaged(positions_path, f"shape {positions.shape}, not one position per row of {TABLE_FILE}", fix)
+        labels = load_npy(labels_path, fix="rerun unicom-cluster")
+        if labels.ndim != 1:
+            raise damaged(labels_path, f"shape {labels.shape}, not a [rows] label array", "rerun unicom-cluster")
+        return cls(table, labels, positions)
 
     def __getstate__(self) -> dict:
         # A data-loader worker started by pickling must map the files again, not receive their contents.
