@@ -8,6 +8,7 @@ for _module in ("yaml", "tqdm"):  # the pipeline extra
 from unicom import config  # noqa: E402
 from unicom.cluster import ClusterConfig  # noqa: E402
 from unicom.cluster import main as cluster_main  # noqa: E402
+from unicom.demo import DemoConfig  # noqa: E402
 from unicom.demo import main as demo_main  # noqa: E402
 from unicom.evaluate import main as evaluate_main  # noqa: E402
 from unicom.features import main as features_main  # noqa: E402
@@ -90,6 +91,13 @@ def test_seed_outside_int64_is_a_config_error(tmp_path):
     args = ["--data", "d", "--output-dir", str(tmp_path / "o"), "--seed", str(2**64)]
     with pytest.raises(config.ConfigError, match="'seed': seed must fit in int64"):
         config.parse(TrainConfig, "train", args, "t")
+
+
+def test_demo_seed_outside_the_k_means_range_is_a_config_error(tmp_path):
+    """The demo hands its seed to k-means: refused with the other options, not when clustering starts."""
+    for seed in (-1, 2**31):
+        with pytest.raises(config.ConfigError, match="'seed' must be in"):
+            config.parse(DemoConfig, "demo", ["--output-dir", str(tmp_path / "o"), "--seed", str(seed)], "d")
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -51,6 +51,12 @@ INT32_MAX = np.iinfo(np.int32).max
 SEED_MAX = INT32_MAX  # faiss keeps the k-means seed in a C int; numpy's generators take no negative seed
 
 
+def check_seed(seed: int) -> None:
+    """Raise :class:`ConfigError` unless ``seed`` is one faiss's k-means takes (its seed is a C int)."""
+    if not 0 <= seed <= SEED_MAX:
+        raise config.ConfigError(f"'seed' must be in [0, {SEED_MAX}] (faiss' k-means seed is a C int), got {seed}")
+
+
 @dataclass
 class ClusterConfig:
     """Options of ``unicom-cluster``."""
@@ -84,10 +90,7 @@ class ClusterConfig:
             config.positive(name, getattr(self, name))
         config.positive("train_size", self.train_size, allow_zero=True)
         config.positive("agreement_rows", self.agreement_rows, allow_zero=True)
-        if not 0 <= self.seed <= SEED_MAX:
-            raise config.ConfigError(
-                f"'seed' must be in [0, {SEED_MAX}] (faiss' k-means seed is a C int), got {self.seed}"
-            )
+        check_seed(self.seed)
         if self.num_clusters > INT32_MAX:
             raise config.ConfigError(f"'num_clusters' {self.num_clusters} exceeds {INT32_MAX}: labels are int32")
         if 0 < self.train_size < self.num_clusters:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from . import atomic, config
-from .cluster import ClusterConfig
+from .cluster import ClusterConfig, check_seed
 from .cluster import run as run_cluster
 from .evaluate import EvaluateConfig, evaluate, format_metrics, markdown_table
 from .features import FeaturesConfig, extract
@@ -79,6 +79,7 @@ class DemoConfig:
         config.choice("prototype_optimizer", self.prototype_optimizer, ("sparse", "dense"))
         for name in ("num_clusters", "embedding_dim", "steps", "batch_size", "lr", "threads"):
             config.positive(name, getattr(self, name))
+        check_seed(self.seed)  # the k-means step takes it as well
         if not 0 < self.test_fraction < 1:
             raise config.ConfigError(f"'test_fraction' must be in (0, 1), got {self.test_fraction}")
         if not all(0 <= c <= 9 for c in self.test_classes):
