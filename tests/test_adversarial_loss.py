@@ -342,6 +342,9 @@ def _scenario_mismatches(rank, world, group):
         "embeddings_dtype": lambda: dual_partial_margin_loss(x.double() if rank == 1 else x, w, y, process_group=group),
         "prototypes_dtype": lambda: dual_partial_margin_loss(x, w.double() if rank == 1 else w, y, process_group=group),
         "uint8_out_of_range": lambda: dual_partial_margin_loss(x, w, y8.to(torch.uint8), process_group=group),
+        "uint64_beyond_int64": lambda: dual_partial_margin_loss(
+            x, w, torch.where(torch.arange(len(y)) == 0, -1, y).to(torch.uint64), process_group=group
+        ),  # -1 in uint64 is 2^64 - 1: a label, not the ignore_index
         "uint8": lambda: dual_partial_margin_loss(x, w, y.to(torch.uint8), process_group=group),
         "int64": lambda: dual_partial_margin_loss(x, w, y, process_group=group),
     }
@@ -358,6 +361,7 @@ def test_mismatches_across_ranks_are_named(tmp_path):
         "embeddings_dtype": ["embeddings", "torch.float32", "torch.float64"],
         "prototypes_dtype": ["prototypes", "torch.float32", "torch.float64"],
         "uint8_out_of_range": ["labels", "255"],
+        "uint64_beyond_int64": ["labels", "9223372036854775807 or more"],
     }
     for case, words in needles.items():
         for r, res in enumerate(results):

@@ -169,9 +169,9 @@ def check_agreement(table: list[list[int]], num_classes: int | None, settings: d
         )
     for r, (lo, hi) in enumerate(zip(column(_LABEL_MIN), column(_LABEL_MAX), strict=True)):
         if hi >= lo and (lo < 0 or hi >= total):
-            raise ValueError(
-                f"labels must be in [0, {total}) or equal ignore_index; rank {r} has {lo if lo < 0 else hi}"
-            )
+            # A uint64 label beyond int64 arrives as 2^63 - 1 (or - 2): it stands for "this or more".
+            found = lo if lo < 0 else (f"{hi} or more" if hi >= _INT64_MAX - 1 else hi)
+            raise ValueError(f"labels must be in [0, {total}) or equal ignore_index; rank {r} has {found}")
     bad = [r for r, nonfinite in enumerate(column(_NONFINITE)) if nonfinite]
     if bad:
         raise ValueError(f"embeddings contain NaN or inf on rank(s) {bad} (check_values=False skips this check)")
