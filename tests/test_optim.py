@@ -3,6 +3,7 @@ rows, bitwise resume, the compact gradient, the Triton update against the torch 
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -94,7 +95,7 @@ def test_unsampled_rows_and_state_unchanged(name):
 def test_compact_gradient_replaces_the_dense_one():
     x, y = batch(0)
     dense_crit, sparse_crit = criterion(rate=0.3), criterion(rate=0.3)
-    SparseRowAdamW(sparse_crit)
+    _optimizer = SparseRowAdamW(sparse_crit)  # attached while it lives
     dense_crit(x, y).backward()
     sparse_crit(x, y).backward()
     assert sparse_crit.weight.grad is None  # no C x D gradient was formed
@@ -109,7 +110,7 @@ def test_compact_gradient_replaces_the_dense_one():
 
 def test_gradient_accumulation_merges_the_rows():
     dense_crit, sparse_crit = criterion(rate=0.2), criterion(rate=0.2)
-    SparseRowSGD(sparse_crit, lr=0.1)
+    _optimizer = SparseRowSGD(sparse_crit, lr=0.1)  # attached while it lives
     for step in range(2):
         for crit in (dense_crit, sparse_crit):
             crit(*batch(step)).backward()
@@ -201,6 +202,74 @@ def test_bad_state_dict_and_index_are_refused():
     duplicated.row_grad.add(torch.tensor([3, 3]), torch.ones(2, D))
     with pytest.raises(ValueError, match="sorted, distinct"):
         dup_optimizer.step()
+
+
+def test_module_zero_grad_is_enough_between_steps():
+    """A step consumes the compact gradient, so zeroing through the model (which cannot see it)
+    gives the same steps as torch's optimizer, not a sum of every step's gradient."""
+    sparse_crit, dense_crit = criterion(), criterion()
+    sparse = SparseRowSGD(sparse_crit, lr=0.5, momentum=0.0)
+    dense = torch.optim.SGD(dense_crit.parameters(), lr=0.5)
+    for step in range(3):
+        for crit, opt in ((sparse_crit, sparse), (dense_crit, dense)):
+            crit.zero_grad()  # nn.Module.zero_grad, as model.zero_grad() would
+            crit(*batch(step)).backward()
+            opt.step()
+        torch.testing.assert_close(sparse_crit.weight, dense_crit.weight, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no gradient of sampled rows"):
+        sparse.step()  # consumed: a second step needs a new backward
+
+
+def test_a_discarded_optimizer_gives_the_prototypes_back():
+    crit = criterion()
+    sparse = SparseRowAdamW(crit)
+    del sparse
+    gc.collect()
+    assert crit.row_grad is None
+    before = crit.weight.detach().clone()
+    dense = torch.optim.SGD(crit.parameters(), lr=0.5)
+    crit(*batch(0)).backward()
+    dense.step()
+    assert not torch.equal(crit.weight, before)  # the dense optimizer trains them
+    again = SparseRowSGD(crit, lr=0.1)  # and a new row-sparse one may take them over
+    assert crit.row_grad is not None and again.criterion is crit
+
+
+def test_a_dense_gradient_beside_the_compact_one_is_refused():
+    crit = criterion(rate=0.3)
+    sparse = SparseRowSGD(crit, lr=0.1)
+    x, y = batch(0)
+    (crit(x, y) + crit.logits(x).square().mean()).backward()  # logits() reaches weight.grad
+    with pytest.raises(RuntimeError, match="dense gradient"):
+        sparse.step()
+
+
+def test_a_refused_state_dict_changes_nothing():
+    crit = criterion()
+    optimizer = SparseRowAdamW(crit, lr=1e-3)
+    train_step(crit, optimizer, 0)
+    small = DualPartialMarginLoss(C // 2, D, backend="torch")
+    other = SparseRowAdamW(small, lr=0.5)
+    small(batch(0)[0], torch.zeros(B, dtype=torch.int64)).backward()
+    other.step()
+    saved = {k: v.clone() for k, v in optimizer.state[crit.weight].items()}
+    with pytest.raises(ValueError, match="^state_dict: state"):
+        optimizer.load_state_dict(other.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    for name, value in optimizer.state[crit.weight].items():
+        assert torch.equal(value, saved[name]), name
+    train_step(crit, optimizer, 1)  # still steps
+
+
+def test_a_chain_steps_no_member_when_one_cannot():
+    crit = criterion()
+    backbone = torch.nn.Linear(D, D)
+    chain = ChainedOptimizer(torch.optim.SGD(backbone.parameters(), lr=0.1), SparseRowSGD(crit, lr=0.1))
+    backbone(batch(0)[0]).sum().backward()  # the backbone has a gradient, the prototypes none
+    before = backbone.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="no gradient of sampled rows"):
+        chain.step()
+    assert torch.equal(backbone.weight, before)
 
 
 # ------------------------------------------------------------------ Triton update vs the torch update
@@ -296,6 +365,8 @@ def _sharded_scenario(rank: int, world: int, group) -> dict:
         loss = c(x, y)
         opt.zero_grad()
         loss.backward()
+        if opt is sparse:
+            index = crit.row_grad.index  # the step consumes it
         opt.step()
     start = crit.class_range[0]
     moved = (crit.weight != before).any(1).nonzero().view(-1) + start
@@ -304,7 +375,7 @@ def _sharded_scenario(rank: int, world: int, group) -> dict:
         "equal_to_dense": torch.equal(crit.weight, twin.weight),
         "moved_within_sampled": bool(torch.isin(moved, crit.last_class_index).all()),
         "sampled": crit.last_class_index.numel(),
-        "index": crit.row_grad.index + start,
+        "index": index + start,
         "last": crit.last_class_index,
     }
 

@@ -4,6 +4,7 @@ compact gradient, the checks, the state and the choice between the Triton and to
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,8 +20,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     rows of the compact gradient the loss module's backward delivered.
 
     Constructing it attaches a :class:`~unicom_kernels.row_grad.RowGrad` to ``criterion``
-    (``criterion.row_grad``): from then on backward leaves ``criterion.weight.grad`` unset.
-    Subclasses define :meth:`_update` on one group's hyperparameters.
+    (``criterion.row_grad``): from then on backward leaves ``criterion.weight.grad`` unset. It is
+    detached again when the optimizer is garbage-collected (then the gradient is dense again).
+    :meth:`step` consumes the compact gradient: the next step needs a new backward, however the
+    gradients were zeroed (``optimizer.zero_grad()`` or ``model.zero_grad()``, which cannot see
+    it). Subclasses define :meth:`_update` on one group's hyperparameters.
     """
 
     def __init__(self, criterion: DualPartialMarginLoss, defaults: dict[str, Any]) -> None:
@@ -34,6 +38,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         self.criterion = criterion
         super().__init__([{"params": [criterion.weight], "name": "prototypes"}], defaults)
         criterion.row_grad = RowGrad()
+        weakref.finalize(self, _detach, weakref.ref(criterion), criterion.row_grad)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -49,18 +54,30 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         self.criterion.row_grad.clear()
 
-    def compact_grad(self) -> tuple[Tensor, Tensor]:
-        """``(index [n] int64, grad [n, D])`` of the backward(s) since :meth:`zero_grad`.
-
-        With ``criterion.check_values`` the index is checked to be sorted, distinct and in
-        range (one read back from the device); the updates rely on it.
-        """
+    def check_ready(self) -> None:
+        """Raise unless :meth:`step` can run: a compact gradient is there and no dense one beside it
+        (reads nothing from the device, so a chain checks every member before stepping any)."""
         sink = self.criterion.row_grad
         if sink is None or sink.index is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step(): criterion has no gradient of sampled rows; run the loss forward "
                 "and backward (in training mode, after this optimizer was created) before each step"
             )
+        if self.criterion.weight.grad is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): criterion.weight also has a dense gradient (from criterion.logits() "
+                "or other code), which a row-sparse optimizer would drop; keep such terms out of the prototypes' "
+                "gradient, or use a dense optimizer"
+            )
+
+    def compact_grad(self) -> tuple[Tensor, Tensor]:
+        """``(index [n] int64, grad [n, D])`` of the backward(s) since the last step or :meth:`zero_grad`.
+
+        With ``criterion.check_values`` the index is checked to be sorted, distinct and in
+        range (one read back from the device); the updates rely on it.
+        """
+        self.check_ready()
+        sink = self.criterion.row_grad
         index, grad = sink.index, sink.grad
         weight = self.criterion.weight
         if self.criterion.check_values and index.numel() > 1:
@@ -82,14 +99,16 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
         weight = self.criterion.weight
-        for name, value in self.state[weight].items():
-            rows = (weight.shape[0],) if name == "step" else tuple(weight.shape)
-            if tuple(value.shape) != rows:
-                raise ValueError(
-                    f"state_dict: state {name!r} has shape {tuple(value.shape)}, but the prototypes need {rows}"
-                )
+        # Checked before anything is replaced, so that a refused state dict leaves this one intact.
+        saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
+        for per_param in saved.values():
+            for name, value in per_param.items():
+                rows = (weight.shape[0],) if name == "step" else tuple(weight.shape)
+                if not isinstance(value, Tensor) or tuple(value.shape) != rows:
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"state_dict: state {name!r} has shape {shape}, but the prototypes need {rows}")
+        super().load_state_dict(state_dict)
         if "step" in self.state[weight]:  # torch.optim leaves "step" where it was saved
             self.state[weight]["step"] = self.state[weight]["step"].to(weight.device, torch.int64)
 
@@ -102,10 +121,18 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         index, grad = self.compact_grad()
         self._update(self.criterion.weight, index, grad, self.param_groups[0])
+        self.criterion.row_grad.clear()  # consumed (see the class docstring)
         return loss
 
     def _update(self, weight: Tensor, index: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _detach(criterion_ref: weakref.ref, sink: RowGrad) -> None:
+    """Give the prototypes their dense gradient back once the optimizer that attached ``sink`` is gone."""
+    criterion = criterion_ref()
+    if criterion is not None and criterion.row_grad is sink:
+        criterion.row_grad = None
 
 
 # Elements per chunk of the torch updates: 2^18 fp32 = 1 MiB per operand (512 rows at D = 512),

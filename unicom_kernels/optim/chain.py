@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._base import RowSparseOptimizer
+
 
 class ChainedOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` whose ``param_groups`` are those of ``optimizers``, in order
@@ -38,6 +40,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for optimizer in self.optimizers:  # a member that cannot step fails before any other steps
+            if isinstance(optimizer, RowSparseOptimizer):
+                optimizer.check_ready()
         for optimizer in self.optimizers:
             optimizer.step()
         return loss
