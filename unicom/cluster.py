@@ -30,7 +30,6 @@ assignment, a ``min_cluster_size`` that drops every cluster is an error too, nam
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +41,6 @@ import numpy as np
 from tqdm import tqdm
 
 from . import atomic, config, dist
-from .data import DataError
 from .features import FeatureStore
 
 ASSIGN_INDEXES = ("exact", "ivf", "hnsw")
@@ -327,46 +325,6 @@ def size_summary(sizes: np.ndarray) -> dict:
     }
 
 
-def open_features(features_dir: str | Path) -> FeatureStore:
-    """The :class:`FeatureStore` of ``features_dir``; a damaged ``index.json`` or shard raises :class:`DataError`
-    naming the file instead of a JSON / numpy traceback."""
-    path = Path(features_dir)
-    index_path = path / "index.json"
-    files: list[str] = []
-    if index_path.is_file():  # else FeatureStore says it is missing
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            files = [str(s["file"]) for s in index["shards"]]
-            int(index["dim"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or UTF-8, a non-number dim
-            raise DataError(
-                f"{index_path} is damaged or unreadable ({_reason(exc)}); rerun unicom-features with --overwrite"
-            ) from None
-    try:
-        return FeatureStore(path)
-    except config.UserError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
-        culprit = next((path / f for f in files if not _readable_npy(path / f)), path)
-        raise DataError(
-            f"{culprit} is damaged or unreadable ({_reason(exc)}); rerun unicom-features with --overwrite"
-        ) from None
-
-
-def _readable_npy(path: Path) -> bool:
-    try:
-        np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError):
-        return False
-    return True
-
-
-def _reason(exc: BaseException) -> str:
-    """``Type: first line`` of an exception, for one-line errors."""
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def _log(quiet: bool, message: str) -> None:
     if not quiet:
         print(f"cluster: {message}", file=sys.stderr)
@@ -376,7 +334,7 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
     """Run the clustering step; returns the summary dict (also written to ``summary.json``)."""
     info = dist.setup(cfg.device, timeout_hours=24)
     quiet = quiet or not info.is_main
-    store = open_features(cfg.features_dir)
+    store = FeatureStore(cfg.features_dir)  # names a damaged index.json or shard itself
     out = Path(cfg.output_dir)
     n = len(store)
     raw_path = out / "centroids_all.npy"

@@ -99,7 +99,7 @@ def load_npy(path: str | os.PathLike, mmap: bool = True, fix: str = "") -> np.nd
 
 def damaged(path: str | os.PathLike, why: str, fix: str = "") -> DamagedFileError:
     """The :class:`DamagedFileError` saying that ``path`` is damaged (``why``), and ``fix`` when given."""
-    return DamagedFileError(f"{path} is damaged ({why})" + (f"; {fix}" if fix else ""))
+    return DamagedFileError(f"{path} is damaged or unreadable ({why})" + (f"; {fix}" if fix else ""))
 
 
 def id_problem(sample_id: str) -> str | None:

@@ -63,7 +63,17 @@ from unicom_kernels.ops import BACKENDS
 from unicom_kernels.optim import ChainedOptimizer, SparseRowAdamW
 
 from . import atomic, config, dist
-from .data import DataError, EpochBatchSampler, ImageDataset, Source, expand_shards, open_source, resolve_format
+from .data import (
+    DataError,
+    EpochBatchSampler,
+    ImageDataset,
+    Source,
+    damaged,
+    expand_shards,
+    load_npy,
+    open_source,
+    resolve_format,
+)
 from .model import EmbeddingModel, ModelError, build_model, load_file, load_weights, read_model_config, train_transform
 from .stream import PositionLabels, ShardStream
 
@@ -301,20 +311,12 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def _open_npy(path: Path, ndim: int, kinds: str) -> np.ndarray:
     """``path`` memory-mapped, checked to be an ``ndim``-d array of a dtype kind in ``kinds``; a truncated,
-    corrupt or foreign file raises :class:`DataError` naming it."""
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as exc:  # by damage: a short header, a short body, a pickle
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(
-            f"{path} is damaged or unreadable (truncated or corrupt?): {type(exc).__name__}: {first}; "
-            "rerun unicom-cluster"
-        ) from None
+    corrupt or foreign file raises :class:`DamagedFileError` naming it."""
+    fix = "rerun unicom-cluster"
+    array = load_npy(path, fix=fix)
     if array.ndim != ndim or array.dtype.kind not in kinds:
-        raise DataError(
-            f"{path} is damaged or not a unicom-cluster file: a {array.ndim}-d {array.dtype} array, "
-            f"expected {ndim}-d {'integer' if kinds == 'iu' else 'float'}; rerun unicom-cluster"
-        )
+        expected = "integer" if kinds == "iu" else "float"
+        raise damaged(path, f"a {array.ndim}-d {array.dtype} array, expected {ndim}-d {expected}", fix)
     return array
 
 
