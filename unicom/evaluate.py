@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import atomic, config, dist
-from .data import FORMATS, DataError, ImageDataset, Source, open_source
+from .data import FORMATS, DataError, ImageDataset, Source, load_npy, open_source
 from .features import FeatureStore
 from .metrics import retrieval_metrics
 from .model import build_model, eval_transform, load_clip, pixel_transform
@@ -186,10 +186,7 @@ def _rows_by_position(store: FeatureStore, source: Source, ids: list[str]) -> np
         return None
     table = ShardTable.load(store.path)
     fix = "recompute the features (unicom-features --overwrite)"
-    try:
-        positions = np.load(positions_path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError, OSError) as exc:
-        raise DataError(f"{positions_path} is damaged (not a readable .npy array: {exc}); {fix}") from None
+    positions = load_npy(positions_path, fix=fix)
     if positions.shape != (len(ids),) or int(table.rows.sum()) != len(ids):
         raise DataError(
             f"{positions_path} ({positions.shape[0] if positions.ndim else 0} positions) and {TABLE_FILE} "
