@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from ranks import spawn
 from sync_ops import NoHostSync
+from torch.utils.checkpoint import checkpoint
 
 from unicom_kernels import DualPartialMarginLoss, class_range, dual_partial_margin_loss
 from unicom_kernels.ops import get_backend, mean_loss, torch_chunked
@@ -320,3 +321,104 @@ def test_sharded_module_step_with_value_checks_reads_only_the_agreement(tmp_path
     for res in results:
         assert len(res["seen"]) == 1, res["seen"]
         assert "distributed.py" in res["seen"][0] and res["seen"][0].endswith(" in agree"), res["seen"]
+
+
+# --------------------------------------------------------------------------- activation checkpointing
+
+_RECOMPUTED = "during a backward pass"
+
+
+def _checkpointed_grads(loss_of, inputs, params, mode):
+    """Loss and gradients of ``loss_of(*inputs)`` for ``inputs`` and ``params``, plain or
+    inside torch.utils.checkpoint."""
+    leaves = [*inputs, *params]
+    for leaf in leaves:
+        leaf.grad = None
+    if mode == "plain":
+        loss = loss_of(*inputs)
+    else:
+        loss = checkpoint(loss_of, *inputs, use_reentrant=mode == "reentrant")
+    loss.backward()
+    return [loss.detach(), *(leaf.grad for leaf in leaves)]
+
+
+def _module_under_checkpoint(criterion, mode):
+    """A backbone and the module, run as ``mode``: the loss and the gradients of the input,
+    the backbone's weight and the prototypes."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(D, D)
+    x, _, y = _inputs()
+    return _checkpointed_grads(
+        lambda x: criterion(backbone(x), y), [x.requires_grad_()], [backbone.weight, criterion.weight], mode
+    )
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_drawing_a_sample_refuses_checkpoint_recomputation(mode, backend):
+    """The recomputation inside backward would see the advanced step and draw another sample:
+    the gradients would be wrong while the loss looked right. It is refused, naming the remedy."""
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.3, dim_sample_rate=0.5, backend=backend)
+    with pytest.raises(RuntimeError, match=f"step of DualPartialMarginLoss {_RECOMPUTED}.*outside the checkpointed"):
+        _module_under_checkpoint(criterion, mode)
+    # Only the dims are sampled: still a draw.
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=1.0, num_dims=D - 3, backend=backend)
+    with pytest.raises(RuntimeError, match=_RECOMPUTED):
+        _module_under_checkpoint(criterion, mode)
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("training", [True, False], ids=["nothing_sampled", "eval"])
+def test_module_without_a_draw_is_exact_under_checkpoint(mode, training):
+    """Nothing sampled (every class and dim, or eval mode): the recomputation is the forward."""
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=1.0, dim_sample_rate=1.0, backend="torch")
+    criterion.train(training)
+    want = _module_under_checkpoint(criterion, "plain")
+    got = _module_under_checkpoint(criterion, mode)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_functional_form_under_checkpoint(mode):
+    """generator=None draws from the global RNG, which checkpointing restores: exact. An explicit
+    generator has advanced by the recomputation: refused. Explicit indices draw nothing: exact."""
+    x, w, y = _inputs()
+    inputs = [x.requires_grad_(), w.requires_grad_()]
+    kw = dict(class_sample_rate=0.3, dim_sample_rate=0.5, backend="torch", **KW)
+
+    def global_rng(x, w):
+        return dual_partial_margin_loss(x, w, y, **kw)
+
+    torch.manual_seed(3)
+    want = _checkpointed_grads(global_rng, inputs, [], "plain")
+    torch.manual_seed(3)
+    got = _checkpointed_grads(global_rng, inputs, [], mode)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+    generator = torch.Generator().manual_seed(5)
+    with pytest.raises(RuntimeError, match=f"generator of dual_partial_margin_loss {_RECOMPUTED}.*generator=None"):
+        _checkpointed_grads(lambda x, w: dual_partial_margin_loss(x, w, y, generator=generator, **kw), inputs, [], mode)
+
+    def explicit(x, w):
+        indices = dict(class_index=torch.unique(torch.cat([y, torch.arange(0, C, 4)])), dim_index=torch.arange(1, D, 2))
+        return dual_partial_margin_loss(x, w, y, generator=generator, **indices, **kw)
+
+    want = _checkpointed_grads(explicit, inputs, [], "plain")
+    got = _checkpointed_grads(explicit, inputs, [], mode)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_compiled_checkpoint_around_the_module_is_refused():
+    """torch.compile runs a checkpointed region holding the module eagerly (the module sets
+    attributes), so the recomputation is refused as in eager mode, not silently wrong."""
+    torch._dynamo.reset()
+    criterion = DualPartialMarginLoss(C, D, class_sample_rate=0.3, backend="torch")
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(D, D)
+    x, _, y = _inputs()
+    compiled = torch.compile(lambda x: checkpoint(lambda x: criterion(backbone(x), y), x, use_reentrant=False))
+    with pytest.raises(RuntimeError, match=_RECOMPUTED):
+        compiled(x.requires_grad_()).backward()

@@ -68,6 +68,23 @@ def check_generator(value: object) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
 
 
+def check_outside_backward(source: str, remedy: str) -> None:
+    """Refuse to draw a sample from ``source`` while autograd runs a backward pass.
+
+    Activation checkpointing (``torch.utils.checkpoint``, either mode) recomputes its region
+    inside backward. By then ``source`` (the module's step, an explicit generator) has moved
+    on, so the recomputation would draw other classes and dims than the forward used and
+    every gradient would be silently wrong. Compiled code is not checked (see the user guide).
+    """
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(
+            f"the loss was asked to draw classes and dims from {source} during a backward pass, as "
+            f"activation checkpointing does when it recomputes a region holding the loss; that source has "
+            f"advanced since the forward, so the recomputed loss would use another sample and the gradients "
+            f"would be silently wrong: {remedy}"
+        )
+
+
 def _check_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

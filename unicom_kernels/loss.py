@@ -338,18 +338,28 @@ def dual_partial_margin_loss(
             _dist.agree(process_group, None, exc)
         raise
 
+    def _check_generator_outside_backward() -> None:
+        # Checkpointing restores the global RNG before it recomputes, not a generator passed in.
+        if generator is not None:
+            remedy = "pass generator=None (checkpointing restores the global RNG), or call the loss outside the region"
+            _checks.check_outside_backward("the generator of dual_partial_margin_loss", remedy)
+
     def choose_dims() -> Tensor | None:
         dim = embeddings.shape[1]
         if dim_index is not None:
             return _checks.check_dim_index(dim_index, dim, embeddings.device)
         k = _checks.num_selected_dims(dim, dim_sample_rate, num_dims)
-        return sample_dims(k, generator_keys(dim, generator, embeddings.device)) if k < dim else None
+        if k == dim:
+            return None
+        _check_generator_outside_backward()
+        return sample_dims(k, generator_keys(dim, generator, embeddings.device))
 
     def choose_classes(local_labels: Tensor, start: int, num_local: int) -> Tensor:
         if class_index is not None:
             return _checks.check_class_index(class_index, local_labels, start, start + num_local)
         if class_sample_rate >= 1.0:
             return torch.arange(num_local, device=local_labels.device)
+        _check_generator_outside_backward()
         return sample_classes(
             local_labels, generator_keys(num_local, generator, local_labels.device), class_sample_rate
         )
@@ -474,6 +484,9 @@ class DualPartialMarginLoss(nn.Module):
         # Eval mode: the plain normalised softmax cross-entropy of the classifier that logits()
         # defines (all classes and dims, no margin): a validation loss that is not a random draw.
         opts = self.options if self.training else replace(self.options, margin_type="none", margin=0.0)
+        if self.training and (opts.class_sample_rate < 1.0 or self.num_dims < self.embedding_dim):
+            remedy = "call it outside the checkpointed region"
+            _checks.check_outside_backward("the step of DualPartialMarginLoss", remedy)
         if self.process_group is None:
             labels = _check_tensors(embeddings, self.weight, labels, opts, self.check_values)
             local_labels = _local_labels(labels, opts.ignore_index, 0, self.num_classes)
