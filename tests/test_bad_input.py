@@ -70,6 +70,19 @@ def test_bad_tensors(name, error, override):
         dual_partial_margin_loss(args.pop("embeddings"), args.pop("prototypes"), args.pop("labels"), **args)
 
 
+@pytest.mark.parametrize("value", [math.nan, -math.inf])
+def test_nonfinite_embeddings_are_also_a_floating_point_error(value):
+    """A training loop catches FloatingPointError to tell a diverged model from a wrong call."""
+    x, w, y = _inputs()
+    x[1, 2] = value
+    with pytest.raises(FloatingPointError, match="embeddings contain NaN or inf") as err:
+        dual_partial_margin_loss(x, w, y)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ValueError) as err:  # a wrong call is not one
+        dual_partial_margin_loss(x[:, :5], w, y)
+    assert not isinstance(err.value, FloatingPointError)
+
+
 BAD_OPTIONS = [
     ("scale", ValueError, dict(scale=0.0)),
     ("scale", ValueError, dict(scale=-1.0)),

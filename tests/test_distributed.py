@@ -276,6 +276,7 @@ def test_failures_raise_on_every_rank(tmp_path):
             got = res["failures"][name]
             assert got["error"] is not None, f"{name}: rank {r} did not raise"
             assert needle in got["message"], f"{name}: rank {r}: {got['message']}"
+    assert [res["failures"]["nonfinite"]["error"] for res in results] == ["NonFiniteError"] * 2
     assert results[1]["failures"]["local_type"]["error"] == "TypeError"
     assert results[0]["failures"]["local_type"]["error"] == "ValueError"  # told that rank 1 rejected its input
     assert torch.equal(results[0]["ok"], results[1]["ok"])

@@ -1,5 +1,6 @@
 """Two CPU ranks under torchrun (Gloo): features and k-means assignment split across ranks equal one
-process; DDP training with the model-parallel loss resumes bitwise from a mid-run checkpoint."""
+process; DDP training with the model-parallel loss resumes bitwise from a mid-run checkpoint; a run
+whose weights turn NaN on one rank stops on both, saving nothing."""
 
 import os
 import subprocess
@@ -24,7 +25,10 @@ from unicom.features import FeatureStore  # noqa: E402
 SCRIPT = textwrap.dedent(
     """
     import sys
-    from unicom import config, dist
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from unicom import atomic, config, dist
+    from unicom.train import DivergedError
     from unicom.cluster import ClusterConfig, run
     from unicom.features import FeaturesConfig, extract
     from unicom.train import TrainConfig, train
@@ -42,6 +46,19 @@ SCRIPT = textwrap.dedent(
         train(config.make(TrainConfig, dict(tcfg, output_dir=f"{root}/a")))
         train(config.make(TrainConfig, dict(tcfg, output_dir=f"{root}/b", checkpoint_every=3, stop_after=3)))
         train(config.make(TrainConfig, dict(tcfg, output_dir=f"{root}/r", loss_parallel="replicated", max_steps=2)))
+        # Rank 1 alone gets a NaN prototype after the last update: both ranks must stop, none save.
+        def poison(optimizer, args, kwargs):
+            if optimizer.state_dict()["state"][0]["step"] == 2 and dist.td.get_rank() == 1:
+                group = next(g for g in optimizer.param_groups if g["name"] == "prototypes")
+                with torch.no_grad():
+                    group["params"][0].view(-1)[0] = float("nan")
+        hook = register_optimizer_step_post_hook(poison)
+        try:
+            train(config.make(TrainConfig, dict(tcfg, output_dir=f"{root}/d", loss_parallel="replicated",
+                                                max_steps=2)))
+        except DivergedError as exc:
+            atomic.write_text(f"{root}/d/diverged{dist.td.get_rank()}", str(exc))
+        hook.remove()
     else:
         train(config.make(TrainConfig, dict(tcfg, output_dir=f"{root}/b", resume=True)))
     dist.cleanup()
@@ -95,3 +112,6 @@ def test_two_ranks(tmp_path):
         cb = torch.load(tmp_path / "b" / "checkpoints" / "step_0000006" / f"rank{rank:05d}.pt", weights_only=False)
         assert torch.equal(ca["criterion"]["weight"], cb["criterion"]["weight"])
     assert (tmp_path / "r" / "final.pt").is_file()
+    for rank in (0, 1):
+        assert "the weights after step 2 became NaN" in (tmp_path / "d" / f"diverged{rank}").read_text()
+    assert not (tmp_path / "d" / "final.pt").exists() and not (tmp_path / "d" / "checkpoints").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 for _module in ("yaml", "tqdm"):  # the pipeline extra
     pytest.importorskip(_module)
@@ -106,6 +107,59 @@ def test_resume_is_bitwise_identical(dataset, tmp_path, one_thread):
     np.testing.assert_array_equal(read_metrics(tmp_path / "a")["loss"], read_metrics(tmp_path / "b")["loss"])
     with pytest.raises(config.ConfigError, match="'lr'"):
         train(config.make(TrainConfig, {**vars(interrupted), "stop_after": None, "resume": True, "lr": 0.5}))
+
+
+@pytest.fixture()
+def poison(monkeypatch):
+    """``poison(group, after)``: once the optimizer has made step ``after``, one weight of the named
+    parameter group (``backbone`` or ``prototypes``) becomes NaN, as a diverging update would leave it."""
+    steps, handles = [], []
+
+    def arm(group: str, after: int) -> None:
+        def hook(optimizer, args, kwargs):
+            steps.append(None)
+            if len(steps) == after:
+                params = next(g["params"] for g in optimizer.param_groups if g["name"] == group)
+                with torch.no_grad():
+                    params[0].view(-1)[0] = float("nan")
+
+        handles.append(register_optimizer_step_post_hook(hook))
+
+    yield arm
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    "group, after, log_every, stopped, newest",
+    [
+        # NaN prototypes: the loss of step 6 is NaN, found where its window ends (step 6).
+        ("prototypes", 5, 3, r"the loss of a step in 5\.\.6 became NaN", "step_0000004"),
+        # NaN weights after step 4 with a finite loss: found before checkpoint 4 is written.
+        ("backbone", 4, 1, r"a step in 4\.\.4 or the weights after step 4 became NaN", None),
+        # NaN backbone: the loss refuses the NaN embeddings of step 6.
+        ("backbone", 5, 1, r"the embeddings of step 6 contain NaN or inf, so the weights after step 5", "step_0000004"),
+    ],
+)
+def test_a_diverging_run_stops_before_a_checkpoint_keeps_its_nans(
+    dataset, tmp_path, one_thread, poison, group, after, log_every, stopped, newest
+):
+    """Without the check the run trained on and its NaN checkpoints replaced the finite ones."""
+    poison(group, after)
+    out = tmp_path / "run"
+    cfg = make_cfg(dataset, out, max_steps=12, checkpoint_every=4, keep_checkpoints=1, log_every=log_every)
+    with pytest.raises(train_module.DivergedError, match=stopped) as err:
+        train(cfg)
+    assert isinstance(err.value, config.UserError)  # the command ends with one line and status 2
+    assert f"the newest is {'none' if newest is None else ''}" in str(err.value)
+    assert not (out / "final.pt").exists()
+    latest = latest_checkpoint(out)
+    assert (latest is None) if newest is None else (latest.parent.name == newest)
+    if latest is not None:
+        state = torch.load(latest, weights_only=False)
+        for weights in (state["model"], state["criterion"]):
+            tensors = [t for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
 def test_bad_training_input(dataset, tmp_path):

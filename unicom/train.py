@@ -487,6 +487,30 @@ def _on_every_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+class DivergedError(config.UserError, FloatingPointError):
+    """The loss or the weights became NaN or infinite; training stops before a checkpoint keeps them."""
+
+
+def _check_finite(losses: list[torch.Tensor], weights: list[torch.Tensor], device: torch.device) -> bool:
+    """True when ``losses`` and ``weights`` are finite on every rank (agreed, so every rank stops together)."""
+    flags = [t.isfinite().all() for t in ([torch.stack(losses)] if losses else []) + weights]
+    return _on_every_rank(bool(torch.stack(flags).all()) if flags else True, device)
+
+
+def _diverged_advice(output_dir: Path, rank: int) -> str:
+    newest = latest_checkpoint(output_dir, rank)
+    return (
+        f"no checkpoint keeps that state (the newest is {newest or 'none'}), and a resumed run would repeat it: "
+        "train again with a lower lr, more warmup_steps or clip_grad_norm"
+    )
+
+
+def _weights(model: nn.Module, criterion: nn.Module) -> list[torch.Tensor]:
+    """The tensors a checkpoint keeps that training changes: parameters and floating-point buffers."""
+    tensors = [*model.parameters(), *criterion.parameters(), *model.buffers()]
+    return [t for t in tensors if t.is_floating_point()]
+
+
 def resume_checkpoint(output_dir: str | Path, rank: int, device: torch.device) -> tuple[Path, dict] | None:
     """This rank's file and state of the newest checkpoint that every rank can read; None without checkpoints.
 
@@ -735,6 +759,7 @@ def train(cfg: TrainConfig) -> dict:
     stop = min(total, cfg.stop_after or total)
     seen, window_start = 0, time.perf_counter()
     started, first_step = time.perf_counter(), step
+    checked = step  # the losses and weights up to this step were finite
     last_loss = float("nan")
     net.train()
     loss_fn.train()
@@ -755,7 +780,13 @@ def train(cfg: TrainConfig) -> dict:
             batch_labels = batch_labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext():
                 embeddings = net(images)
-            loss = loss_fn(embeddings, batch_labels)
+            try:
+                loss = loss_fn(embeddings, batch_labels)
+            except FloatingPointError as exc:  # the loss refuses NaN or inf embeddings (on any rank)
+                raise DivergedError(
+                    f"training diverged: the embeddings of step {step + 1} contain NaN or inf, so the weights after "
+                    f"step {step} are no longer finite; {_diverged_advice(out, info.rank)}"
+                ) from exc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (
@@ -771,6 +802,7 @@ def train(cfg: TrainConfig) -> dict:
             seen += len(ok)
             bar.update(1)
             closes_window = step % cfg.log_every == 0 or step == total
+            saves = step % cfg.checkpoint_every == 0 or step == stop
             if closes_window or step == stop:
                 last_loss = float(torch.stack(losses).float().mean())
                 elapsed = time.perf_counter() - window_start
@@ -796,9 +828,20 @@ def train(cfg: TrainConfig) -> dict:
                         f"{images_per_s:.1f} images/s  ETA {_duration(left)}",
                         file=sys.stderr,
                     )
-                if closes_window:  # else this run stops here and its checkpoint carries the window on
-                    losses, seen, window_start = [], 0, time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == stop:
+            # A diverged run stops before a checkpoint replaces the last finite ones with its NaNs
+            # (a resumed run would only repeat the same steps). Every loss is checked at its window's
+            # end or at the next checkpoint, the weights before each checkpoint.
+            if closes_window or saves:
+                if not _check_finite(losses, _weights(model, criterion) if saves else [], device):
+                    raise DivergedError(
+                        f"training diverged: the loss of a step in {checked + 1}..{step}"
+                        f"{' or the weights after step ' + str(step) if saves else ''} became NaN or infinite; "
+                        f"{_diverged_advice(out, info.rank)}"
+                    )
+                checked = step
+            if closes_window:  # else this run stops here and its checkpoint carries the window on
+                losses, seen, window_start = [], 0, time.perf_counter()
+            if saves:
                 state = {
                     "step": step,
                     "model": model.state_dict(),

@@ -23,6 +23,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MARGIN_LIMITS = {"arcface": math.pi / 2, "cosface": 1.0}
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """The embeddings hold NaN or inf: a ``ValueError`` like every refused input, and a
+    ``FloatingPointError``, so a training loop can tell a diverged model from a wrong call."""
+
+
 def check_positive_int(value: object, name: str) -> int:
     """``value`` as a plain ``int`` (numpy integers accepted), checked to be >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -260,7 +265,7 @@ def check_inputs(
                 f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {_value_at(y, bad)}"
             )
         if nonfinite:
-            raise ValueError("embeddings contain NaN or inf (pass check_values=False to skip the value checks)")
+            raise NonFiniteError("embeddings contain NaN or inf (pass check_values=False to skip the value checks)")
     return y64
 
 

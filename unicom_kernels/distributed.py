@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._checks import NonFiniteError
 from .ops import mean_over_rows, once_differentiable
 
 # Fields of the agreement vector.
@@ -174,7 +175,7 @@ def check_agreement(table: list[list[int]], num_classes: int | None, settings: d
             raise ValueError(f"labels must be in [0, {total}) or equal ignore_index; rank {r} has {found}")
     bad = [r for r, nonfinite in enumerate(column(_NONFINITE)) if nonfinite]
     if bad:
-        raise ValueError(f"embeddings contain NaN or inf on rank(s) {bad} (check_values=False skips this check)")
+        raise NonFiniteError(f"embeddings contain NaN or inf on rank(s) {bad} (check_values=False skips this check)")
     return total
 
 
