@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 for _module in ("yaml", "tqdm"):  # the pipeline extra
     pytest.importorskip(_module)
@@ -107,6 +107,38 @@ def test_resume_is_bitwise_identical(dataset, tmp_path, one_thread):
     np.testing.assert_array_equal(read_metrics(tmp_path / "a")["loss"], read_metrics(tmp_path / "b")["loss"])
     with pytest.raises(config.ConfigError, match="'lr'"):
         train(config.make(TrainConfig, {**vars(interrupted), "stop_after": None, "resume": True, "lr": 0.5}))
+
+
+def test_retune_resumes_with_new_rates_and_keeps_the_rest(dataset, tmp_path, one_thread):
+    """A diverged (or too slow) run goes on from its checkpoint with new optimiser settings, only when asked."""
+    out = tmp_path / "run"
+    first = make_cfg(dataset, out, max_steps=8, checkpoint_every=4, stop_after=4, weight_decay=0.05)
+    train(first)
+    lower = {**vars(first), "stop_after": None, "resume": True, "lr": 5e-4, "warmup_steps": 6, "weight_decay": 0.1}
+    with pytest.raises(config.ConfigError, match=r"'lr', 'warmup_steps', 'weight_decay'.*may change with retune"):
+        train(config.make(TrainConfig, lower))
+    with pytest.raises(config.ConfigError, match="'embedding_dim'"):  # not an optimiser setting
+        train(config.make(TrainConfig, {**lower, "retune": True, "embedding_dim": 8}))
+    with pytest.raises(config.ConfigError, match="'retune'.*set resume"):
+        config.make(TrainConfig, {**vars(first), "retune": True})
+    used = []  # the rates each optimiser step of the resumed run really applies
+    hook = register_optimizer_step_pre_hook(lambda o, a, k: used.append([g["lr"] for g in o.param_groups]))
+    try:
+        train(config.make(TrainConfig, {**lower, "retune": True}))
+    finally:
+        hook.remove()
+    # Steps 5..8 (schedule steps 4..7) with lr 5e-4 and 6 warmup steps; prototypes at 10x.
+    want = [5e-4 * train_module.lr_factor(s, 8, 6, 0.0) for s in range(4, 8)]
+    np.testing.assert_allclose(np.array(used), np.array(want)[:, None] * [1, 1, 10], rtol=1e-6)
+    metrics = read_metrics(out)  # each row logs the rate of the step after it
+    np.testing.assert_array_equal(metrics["step"], np.arange(1, 9))
+    old = [2e-3 * train_module.lr_factor(s, 8, 2, 0.0) for s in range(1, 5)]
+    np.testing.assert_allclose(metrics["lr"], [*old, *want[1:], 0.0], rtol=1e-5, atol=1e-12)
+    saved = torch.load(latest_checkpoint(out), weights_only=False)
+    assert [g["initial_lr"] for g in saved["optimizer"]["param_groups"]] == [5e-4, 5e-4, 5e-3]
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.1, 0.0, 0.0]
+    assert saved["config"]["lr"] == 5e-4 and saved["scheduler"]["base_lrs"] == [5e-4, 5e-4, 5e-3]
+    assert saved["optimizer"]["state"][0]["step"] == 8  # the moments went on, not restarted
 
 
 @pytest.fixture()

@@ -80,6 +80,7 @@ from .stream import PositionLabels, ShardStream
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "prototype_lr", "grad_norm", "images_per_s", "skipped")
 RESUME_MAY_CHANGE = {
     "resume",
+    "retune",
     "overwrite",
     "stop_after",
     "progress",
@@ -94,6 +95,9 @@ RESUME_MAY_CHANGE = {
     "pseudo_labels",
     "features_dir",
 }
+# What --retune lets a resumed run change: the optimiser's rates and decays and the schedule's shape.
+RETUNABLE = ("lr", "prototype_lr_mult", "weight_decay", "prototype_weight_decay", "warmup_steps", "min_lr_ratio",
+             "clip_grad_norm")  # fmt: skip
 DATA_MODES = ("auto", "indexed", "stream")
 # auto streams from this many shards on: below it, indexing the headers takes seconds and the
 # epoch permutation mixes every sample, which a handful of shards per worker could not.
@@ -186,6 +190,13 @@ class TrainConfig:
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
     resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoints/latest"})
+    retune: bool = field(
+        default=False,
+        metadata={
+            "help": f"with resume: take {', '.join(RETUNABLE)} from this config instead of refusing a change "
+            "(e.g. a lower lr after a divergence); the run then differs from an uninterrupted one"
+        },
+    )
     overwrite: bool = field(
         default=False, metadata={"help": "delete the run already in output_dir (checkpoints, metrics, final.pt)"}
     )
@@ -229,6 +240,8 @@ class TrainConfig:
             raise config.ConfigError(f"'crop_scale' must be in (0, 1], got {self.crop_scale}")
         if self.resume and self.overwrite:
             raise config.ConfigError("'resume' continues the run in output_dir, 'overwrite' deletes it: set only one")
+        if self.retune and not self.resume:
+            raise config.ConfigError("'retune' changes the settings of a resumed run: set resume too")
         try:
             _checks.check_options(**loss_options(self), ignore_index=IGNORE_INDEX, backends=BACKENDS)
             _checks.num_selected_dims(self.embedding_dim, self.dim_sample_rate, self.num_dims)
@@ -299,6 +312,17 @@ def make_optimizer(model: nn.Module, criterion: nn.Module, cfg: TrainConfig, par
     *backbone, prototypes = groups
     sparse = SparseRowAdamW(criterion, lr=prototypes["lr"], betas=ADAMW_BETAS, weight_decay=prototypes["weight_decay"])
     return ChainedOptimizer(torch.optim.AdamW(backbone, betas=ADAMW_BETAS), sparse)
+
+
+def _retune(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, groups: list[dict]) -> None:
+    """Give a resumed optimizer the peak rates and decays of ``groups`` (:func:`param_groups` of the
+    new config), keeping its moments; the scheduler goes on from its step with the new peaks and
+    its lambda, which already reads the new warmup and final ratio."""
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+        group["initial_lr"], group["weight_decay"] = fresh["lr"], fresh["weight_decay"]
+    scheduler.base_lrs = [fresh["lr"] for fresh in groups]
+    for group, lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -500,8 +524,9 @@ def _check_finite(losses: list[torch.Tensor], weights: list[torch.Tensor], devic
 def _diverged_advice(output_dir: Path, rank: int) -> str:
     newest = latest_checkpoint(output_dir, rank)
     return (
-        f"no checkpoint keeps that state (the newest is {newest or 'none'}), and a resumed run would repeat it: "
-        "train again with a lower lr, more warmup_steps or clip_grad_norm"
+        f"no checkpoint keeps that state (the newest is {newest or 'none'}), and resuming with the same settings "
+        "replays the same steps: resume with retune and a lower lr, more warmup_steps or a clip_grad_norm, or "
+        "train again"
     )
 
 
@@ -699,10 +724,12 @@ def train(cfg: TrainConfig) -> dict:
                 for k, v in dataclasses.asdict(cfg).items()
                 if k not in RESUME_MAY_CHANGE and state["config"].get(k) != v
             )
-            if changed:
+            retuned = [k for k in changed if k in RETUNABLE] if cfg.retune else []
+            if changed != retuned:
+                hint = f"; {', '.join(RETUNABLE)} may change with retune" if set(changed) <= set(RETUNABLE) else ""
                 raise config.ConfigError(
                     f"checkpoint {path} was made with different {changed}; resume with the same settings "
-                    "(or start a new output_dir)"
+                    f"(or start a new output_dir){hint}"
                 )
             if state["world_size"] != info.world_size:
                 raise config.ConfigError(
@@ -720,8 +747,13 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"], device)
             step = int(state["step"])
+            if retuned:
+                _retune(optimizer, scheduler, param_groups(model, criterion, cfg))
             if info.is_main:
                 print(f"train: resumed at step {step} from {path}", file=sys.stderr)
+                if retuned:
+                    was = ", ".join(f"{k} {state['config'].get(k)} -> {getattr(cfg, k)}" for k in retuned)
+                    print(f"train: retuned {was}; the run now differs from an uninterrupted one", file=sys.stderr)
                 if stream:
                     dataset.epoch, dataset.start_batch = divmod(step, per_epoch)
                     print(
