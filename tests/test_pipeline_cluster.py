@@ -70,6 +70,57 @@ def test_drop_small_relabels_contiguously():
     labels = np.array([0, 0, 0, 2, 3, 3, 3, 3])
     new, kept = drop_small(labels, 5, min_size=2)
     assert kept.tolist() == [0, 3] and new.tolist() == [0, 0, 0, -1, 1, 1, 1, 1]
+    # Rows without a centroid (-1) stay -1 and count for no cluster.
+    new, kept = drop_small(np.array([-1, 4, 4, -1, 0, 4]), 5, min_size=2)
+    assert kept.tolist() == [4] and new.tolist() == [-1, 0, 0, -1, -1, 0]
+
+
+def _cluster_cfg(tmp_path, **kw):
+    values = dict(features_dir=str(tmp_path / "f"), output_dir=str(tmp_path / "c"), num_clusters=4, device="cpu")
+    return config.make(ClusterConfig, values | kw)
+
+
+def test_all_zero_rows_get_no_label_and_no_centroid(tmp_path):
+    """An all-zero feature (pixels of a blank image) ties with every centroid: an inner-product search
+    put all of them into cluster 0, and a sample rich in them gave k-means a zero centroid."""
+    x, truth = mixture(n_per=50, k=4)
+    zero = np.zeros((120, x.shape[1]), np.float32)
+    x, truth = np.concatenate([x[:100], zero, x[100:]]), np.concatenate([truth[:100], -np.ones(120), truth[100:]])
+    write_store(tmp_path / "f", x)
+    for seed in range(4):  # seeds at which zero rows used to win a centroid of their own
+        summary = run(_cluster_cfg(tmp_path, seed=seed, min_cluster_size=1), quiet=True)
+        labels = np.load(tmp_path / "c" / "labels.npy")
+        assert (labels[truth < 0] == -1).all() and (labels[truth >= 0] >= 0).all()
+        assert summary["zero_rows"] == 120 and summary["dropped_points"] == 120 and summary["num_classes"] == 4
+        np.testing.assert_allclose(np.linalg.norm(np.load(tmp_path / "c" / "centroids.npy"), axis=1), 1.0, atol=1e-5)
+        assert sum(summary["sizes"]["histogram"].values()) == 4
+    write_store(tmp_path / "f", np.concatenate([x[:3], zero]))
+    with pytest.raises(config.ConfigError, match="exceeds the 3 non-zero feature rows"):
+        run(_cluster_cfg(tmp_path), quiet=True)
+
+
+def test_interrupted_rerun_never_leaves_the_files_of_two_runs(tmp_path, monkeypatch):
+    """A rerun killed between writing labels.npy and centroids.npy left the old centroids beside the
+    new labels, and training took the pair (its label range fits) without a word."""
+    from unicom.data import DataError
+    from unicom.train import cluster_files
+
+    x, _ = mixture(n_per=50, k=4)
+    write_store(tmp_path / "f", x)
+    run(_cluster_cfg(tmp_path, num_clusters=6, min_cluster_size=1), quiet=True)
+    save = atomic.save_npy
+
+    def killed_after_labels(path, array):
+        save(path, array)
+        if path.name == "labels.npy":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "save_npy", killed_after_labels)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cluster_cfg(tmp_path, num_clusters=3, min_cluster_size=1), quiet=True)
+    with pytest.raises(DataError, match="centroids.npy"):
+        cluster_files(str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "summary.json").exists()
 
 
 def test_run_writes_outputs(tmp_path):

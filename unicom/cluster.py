@@ -2,12 +2,14 @@
 
 Output folder::
 
-    labels.npy       [N] int32 pseudo-label per feature row, contiguous 0..K'-1; -1 = dropped (tiny cluster)
+    labels.npy       [N] int32 pseudo-label per feature row, contiguous 0..K'-1; -1 = dropped (a tiny
+                     cluster, or an all-zero feature row, which has no nearest centroid)
     ids.txt          the N sample ids (row order of the features), to join labels back to images
     centroids.npy    [K', D] float32 unit centroids of the kept clusters, in label order
     centroids_all.npy  [K, D] float32 all k-means centroids (before dropping tiny clusters)
     sizes.csv        label, size (kept clusters)
-    summary.json     num_classes (= K', what training uses), K, points kept / dropped, size statistics and a
+    summary.json     num_classes (= K', what training uses), K, points kept / dropped (zero rows among them),
+                     size statistics and a
                      log-scale size histogram, k-means and assignment timings, approximate-assignment agreement
 
 Memory: the k-means sample is drawn shard by shard from the memory-mapped feature shards
@@ -24,8 +26,12 @@ exact search on an independent sample of ``agreement_rows`` rows (logged and in 
 
 Refused before k-means: ``0 < train_size < num_clusters``, fewer feature rows than
 ``num_clusters`` or than ``min_cluster_size``, and NaN/inf in the rows k-means trains on (the
-message names the shard and row; other rows are checked when the assignment reads them). After
-assignment, a ``min_cluster_size`` that drops every cluster is an error too, naming what to lower.
+message names the shard and row; other rows are checked when the assignment reads them). An
+all-zero row (the pixel features of a blank image) has no direction: k-means leaves it out of its
+sample and the assignment labels it -1, where an inner-product search would tie it to centroid 0.
+After assignment, a ``min_cluster_size`` that drops every cluster is an error too, naming what to
+lower. A rerun into the same folder removes the old ``labels.npy``, ``centroids.npy`` and
+``summary.json`` before writing the new ones, so an interrupted rerun never leaves the files of two runs.
 """
 
 from __future__ import annotations
@@ -272,6 +278,20 @@ def shard_blocks(offsets: np.ndarray, start: int, end: int, batch: int) -> Itera
             yield a, min(a + batch, hi)
 
 
+def _zero_rows(x: np.ndarray) -> np.ndarray:
+    """``[n]`` bool: the rows of ``x [n, d]`` whose float32 squared norm is 0 (all zero, or entries below about
+    1e-23 that carry no direction either); einsum makes no ``[n, d]`` temporary."""
+    return np.einsum("ij,ij->i", x, x) == 0
+
+
+def _nearest(assigner: Assigner, x: np.ndarray) -> np.ndarray:
+    """``[n]`` int64 nearest centroid of each row of ``x``; -1 for an all-zero row, which ties with every
+    centroid (an inner-product search would pick centroid 0)."""
+    labels = assigner(x)[0]
+    labels[_zero_rows(x)] = -1
+    return labels
+
+
 def assign_rows(
     store: FeatureStore, assigner: Assigner, start: int, end: int, batch: int, progress: bool = False
 ) -> np.ndarray:
@@ -279,7 +299,7 @@ def assign_rows(
     labels = np.empty(end - start, np.int32)
     with tqdm(total=end - start, desc="cluster: assign", unit="row", unit_scale=True, disable=not progress) as bar:
         for a, b in shard_blocks(store.offsets, start, end, batch):
-            labels[a - start : b - start] = assigner(store.rows(a, b))[0]
+            labels[a - start : b - start] = _nearest(assigner, store.rows(a, b))
             bar.update(b - a)
     return labels
 
@@ -298,13 +318,14 @@ def rank_block(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def drop_small(labels: np.ndarray, num_clusters: int, min_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel to contiguous ids, dropping clusters with fewer than ``min_size`` points (label -1).
+    """Relabel to contiguous ids, dropping clusters with fewer than ``min_size`` points (label -1);
+    rows labelled -1 already (no centroid) stay -1.
 
     Returns (new labels ``[N]`` int32, kept old cluster ids ``[K']`` int64 in new-label order).
     """
-    sizes = np.bincount(labels, minlength=num_clusters)
+    sizes = np.bincount(labels[labels >= 0], minlength=num_clusters)
     kept = np.flatnonzero(sizes >= min_size)
-    remap = np.full(num_clusters, -1, np.int32)
+    remap = np.full(num_clusters + 1, -1, np.int32)  # the last entry maps -1 to -1
     remap[kept] = np.arange(len(kept))
     return remap[labels], kept
 
@@ -349,6 +370,12 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
                 f"min_cluster_size={cfg.min_cluster_size} exceeds the {n} feature rows: every cluster would be dropped"
             )
         sample = draw_sample(store, cfg.train_size, cfg.seed, progress=not quiet)
+        sample = sample[~_zero_rows(sample)]  # an all-zero row has no direction to cluster
+        if len(sample) < cfg.num_clusters:
+            raise config.ConfigError(
+                f"num_clusters={cfg.num_clusters} exceeds the {len(sample)} non-zero feature rows of the k-means "
+                "sample (all-zero rows are left out)"
+            )
         _log(
             quiet,
             f"k-means K={cfg.num_clusters} on {len(sample)} of {n} points, {cfg.niter} iterations "
@@ -374,6 +401,7 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
     if info.is_main:
         if cfg.assign_index != "exact" and cfg.agreement_rows:
             held = draw_sample(store, min(cfg.agreement_rows, n), (cfg.seed, 1))  # independent of the k-means sample
+            held = held[~_zero_rows(held)]
             exact = Assigner(centroids, cfg.use_gpu, gpu_id)
             assign.update(
                 agreement=round(agreement(held, exact, assigner, cfg.assign_batch), 5), agreement_rows=len(held)
@@ -389,11 +417,14 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
             p.unlink()
         new_labels, kept = drop_small(labels, cfg.num_clusters, cfg.min_cluster_size)
         if len(kept) == 0:
+            largest = np.bincount(labels[labels >= 0], minlength=1).max()
             raise config.ConfigError(
                 f"all {cfg.num_clusters} clusters have fewer than min_cluster_size={cfg.min_cluster_size} points "
-                f"(the largest has {np.bincount(labels).max()}); lower min_cluster_size or num_clusters"
+                f"(the largest has {largest}); lower min_cluster_size or num_clusters"
             )
         sizes = np.bincount(new_labels[new_labels >= 0], minlength=len(kept))
+        for stale in ("summary.json", "centroids.npy", "labels.npy"):  # never the files of two runs side by side
+            (out / stale).unlink(missing_ok=True)
         atomic.save_npy(out / "labels.npy", new_labels)
         atomic.save_npy(out / "centroids.npy", centroids[kept])
         atomic.copy_file(store.path / "ids.txt", out / "ids.txt")
@@ -404,6 +435,7 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
             "kept_clusters": len(kept),
             "points": n,
             "dropped_points": int((new_labels < 0).sum()),
+            "zero_rows": int((labels < 0).sum()),
             "min_cluster_size": cfg.min_cluster_size,
             "sizes": size_summary(sizes),
             "kmeans": kmeans,
@@ -413,7 +445,8 @@ def run(cfg: ClusterConfig, quiet: bool = False) -> dict:
         atomic.write_json(out / "summary.json", summary)
         _log(
             quiet,
-            f"{len(kept)} of {cfg.num_clusters} clusters kept, {summary['dropped_points']} points dropped; "
+            f"{len(kept)} of {cfg.num_clusters} clusters kept, {summary['dropped_points']} points dropped "
+            f"({summary['zero_rows']} all-zero rows); "
             f"sizes min {summary['sizes'].get('min')} median {summary['sizes'].get('median')} "
             f"max {summary['sizes'].get('max')} -> {out}",
         )
