@@ -295,6 +295,70 @@ def test_bad_images_are_ignored_and_counted_when_asked(dataset, tmp_path):
     assert read_metrics(tmp_path / "lenient")["skipped"][-1] == 1  # one epoch = 3 steps covers every image
 
 
+def test_damaged_tar_samples_are_counted_in_indexed_mode_too(dataset, tmp_path, one_thread):
+    """A sample found damaged while indexing (here a .cls that is no integer) has no label; it was
+    left out of the epoch uncounted, while the stream of the same data counted it."""
+    shards = write_cls_shards(tmp_path / "shards")
+    with tarfile.open(shards / "s-0.tar", "a") as tar:
+        for ext, data in (("png", b"\x89PNG"), ("cls", b"x")):
+            info = tarfile.TarInfo(f"0_999.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    skipped = {}
+    for mode in ("indexed", "stream"):
+        cfg = make_cfg(
+            dataset, tmp_path / mode, data=str(shards), data_mode=mode, num_classes=4, batch_size=17, max_steps=1,
+            skip_bad=True,
+        )  # fmt: skip
+        train(cfg)
+        skipped[mode] = read_metrics(tmp_path / mode)["skipped"][-1]
+    assert skipped == {"indexed": 1, "stream": 1}
+
+
+def test_a_single_tar_is_joined_to_the_features_by_its_name(tmp_path):
+    """One tar of the same size as the one the features came from, but another: its pseudo-labels were
+    those of the other tar, silently (the stream refuses it)."""
+    from unicom.data import wds_source
+    from unicom.stream import ShardTable
+
+    shards = write_cls_shards(tmp_path / "shards", shards=1)
+    (shards / "s-0.tar").rename(shards / "other.tar")
+    ShardTable(["s-0.tar"], np.array([8]), np.array([0]), np.array([8])).save(tmp_path / "feats")
+    folder = cluster_folder(tmp_path / "cl", np.arange(8, dtype=np.int32) % 4, np.zeros((4, 16), np.float32))
+    cfg = make_cfg(tmp_path, tmp_path / "out", pseudo_labels=str(folder), features_dir=str(tmp_path / "feats"))
+    with pytest.raises(DataError, match="other.tar is not in the shard table"):
+        train_module.indexed_labels(cfg, wds_source(str(shards / "other.tar")))
+    (shards / "other.tar").rename(shards / "s-0.tar")  # the right tar, wherever it lives
+    labels, _ = train_module.indexed_labels(cfg, wds_source(str(shards / "s-0.tar")))
+    assert labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_resume_on_other_data_is_refused_moved_data_is_not(dataset, tmp_path, one_thread):
+    """'data' and 'pseudo_labels' may move between a run and its resume; another set of samples or
+    labels used to resume silently into a run that no uninterrupted one would give."""
+    shards = write_cls_shards(tmp_path / "shards", shards=3)
+    kw = dict(data=str(shards), data_mode="stream", num_classes=4, batch_size=4, max_steps=4, checkpoint_every=2)
+    train(make_cfg(dataset, tmp_path / "s", stop_after=2, **kw))
+    (shards / "s-2.tar").rename(tmp_path / "s-2.tar")  # a shard fewer
+    with pytest.raises(config.ConfigError, match="trained on other data"):
+        train(make_cfg(dataset, tmp_path / "s", resume=True, **kw))
+    (tmp_path / "s-2.tar").rename(shards / "s-2.tar")
+    moved = shards.rename(tmp_path / "moved")
+    train(make_cfg(dataset, tmp_path / "s", resume=True, **{**kw, "data": str(moved)}))
+    assert (tmp_path / "s" / "final.pt").is_file()
+
+    labels = np.arange(48, dtype=np.int32) % 4
+    first = cluster_folder(tmp_path / "a", labels, np.zeros((4, 16), np.float32))
+    kw = dict(max_steps=4, checkpoint_every=2, class_sample_rate=1.0)
+    train(make_cfg(dataset, tmp_path / "i", pseudo_labels=str(first), stop_after=2, **kw))
+    other = cluster_folder(tmp_path / "b", (labels + 1) % 4, np.zeros((4, 16), np.float32))
+    with pytest.raises(config.ConfigError, match="trained on other data"):
+        train(make_cfg(dataset, tmp_path / "i", pseudo_labels=str(other), resume=True, **kw))
+    moved = first.rename(tmp_path / "c")
+    train(make_cfg(dataset, tmp_path / "i", pseudo_labels=str(moved), resume=True, **kw))
+    assert (tmp_path / "i" / "final.pt").is_file()
+
+
 def test_evaluate_cli_query_gallery_and_json(dataset, tmp_path, capsys):
     import json
 

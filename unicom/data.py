@@ -145,6 +145,9 @@ class Source:
         self.class_names = class_names
         # (name, samples) of the parts positions count in: each tar shard, or the whole source.
         self.units = units or [(description, len(records))]
+        # Tar shards are files matched by name wherever the data lives; a folder or list file is
+        # one unit, whatever its path is called there.
+        self.named_units = units is not None
 
     def __len__(self) -> int:
         return len(self.records)

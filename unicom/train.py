@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import inspect
 import io
 import math
@@ -410,8 +411,8 @@ def indexed_labels(cfg: TrainConfig, source: Source) -> tuple[np.ndarray, int]:
         return np.asarray(labels, dtype=np.int64), num_classes
     join = PositionLabels.open(cfg.features_dir, labels_path)
     names = [name for name, _ in source.units]
-    # A folder or list file is one unit, whatever its path is called where training runs.
-    units = [0] if len(names) == 1 == len(join.table.names) else join.units_of(names)
+    whole = not source.named_units and len(join.table.names) == 1  # a folder or list file: one unit
+    units = [0] if whole else join.units_of(names)
     parts = [join.unit_labels(u) for u in units]
     for (name, n), part in zip(source.units, parts, strict=True):
         if len(part) != n:
@@ -528,6 +529,17 @@ def _diverged_advice(output_dir: Path, rank: int) -> str:
         "replays the same steps: resume with retune and a lower lr, more warmup_steps or a clip_grad_norm, or "
         "train again"
     )
+
+
+def data_fingerprint(units: list[tuple[str, int]], labels: np.ndarray | None) -> str:
+    """A digest of what an epoch draws from: the ``(name, samples)`` units (tar file names, which
+    stay the same wherever the data lives; ``""`` for a folder or list file) and the ``[N]``
+    labels when they are known before training. A checkpoint keeps it, so that a resume on other
+    data (a tar added, labels re-clustered) is refused instead of silently replaying another run."""
+    digest = hashlib.sha256(repr([(os.path.basename(name), int(n)) for name, n in units]).encode())
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _weights(model: nn.Module, criterion: nn.Module) -> list[torch.Tensor]:
@@ -669,7 +681,10 @@ def train(cfg: TrainConfig) -> dict:
     else:
         source = open_source(cfg.data, cfg.data_format, cfg.data_root, skip_bad=cfg.skip_bad)
         labels, num_classes = indexed_labels(cfg, source)
-        usable = np.flatnonzero(labels >= 0)
+        # A sample found damaged while indexing (skip_bad) stays in, so that loading it fails and
+        # it is counted with the other bad images, as in a stream.
+        damaged = np.array([r.error is not None for r in source.records])
+        usable = np.flatnonzero((labels >= 0) | damaged)
         if len(usable) == 0:
             raise DataError(f"no labelled samples in {source.description}")
 
@@ -677,14 +692,17 @@ def train(cfg: TrainConfig) -> dict:
     criterion, parallel = make_criterion(cfg, num_classes, info.world_size, device)
     transform = train_transform(model.image_size, model.mean, model.std, cfg.crop_scale, cfg.hflip)
     if stream:
+        shards = expand_shards(cfg.data)
         dataset = ShardStream(
-            expand_shards(cfg.data), transform, cfg.batch_size, cfg.seed, info.rank, info.world_size,
+            shards, transform, cfg.batch_size, cfg.seed, info.rank, info.world_size,
             cfg.num_workers, join, cfg.shuffle_buffer, cfg.skip_bad,
         )  # fmt: skip
         per_epoch, num_samples = dataset.batches_per_epoch(), int(dataset.kept.sum())
+        fingerprint = data_fingerprint(list(zip(shards, dataset.kept, strict=True)), None)
     else:
         dataset = ImageDataset(source, transform, labels=labels, skip_bad=cfg.skip_bad, seed=cfg.seed)
         subset = torch.utils.data.Subset(dataset, usable.tolist())
+        fingerprint = data_fingerprint(source.units if source.named_units else [("", len(source))], labels)
         per_epoch, num_samples = (
             EpochBatchSampler.batches_per_epoch(len(usable), cfg.batch_size, info.world_size),
             len(usable),
@@ -734,6 +752,13 @@ def train(cfg: TrainConfig) -> dict:
             if state["world_size"] != info.world_size:
                 raise config.ConfigError(
                     f"checkpoint {path} was written by {state['world_size']} rank(s); resume with the same number"
+                )
+            saved = state.get("data")  # absent in checkpoints of older versions
+            if saved is not None and saved != fingerprint:
+                raise config.ConfigError(
+                    f"checkpoint {path} was trained on other data: its samples or labels differ from those of "
+                    f"{cfg.data} (with pseudo_labels {cfg.pseudo_labels}); 'data' and 'pseudo_labels' may move "
+                    "on resume, not change"
                 )
             workers = state.get("stream_workers")  # the order of a stream depends on its workers per rank
             if stream and workers is not None and workers != dataset.workers:
@@ -883,6 +908,7 @@ def train(cfg: TrainConfig) -> dict:
                     "rng": _rng_state(device),
                     "world_size": info.world_size,
                     "stream_workers": dataset.workers if stream else None,
+                    "data": fingerprint,
                     "num_classes": num_classes,
                     "config": dataclasses.asdict(cfg),
                     "custom_arch": custom_arch,
