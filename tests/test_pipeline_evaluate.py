@@ -79,6 +79,97 @@ def test_gallery_class_missing_from_the_query_matches_no_query(tmp_path):
     assert result["recall@1"] == result["map@r"] == 1.0
 
 
+# -- one set names its classes, the other numbers them ------------------------------------------------------------
+
+NUMBERS = tuple(range(12))  # as folder names they sort 0, 1, 10, 11, 2, ...: positions differ from numbers
+
+
+def numbered_folder(root, numbers=NUMBERS, spell=str):
+    """Class folders ``spell(n)`` of two images each; the images of a class are each other's nearest."""
+    for n in numbers:
+        (root / spell(n)).mkdir(parents=True)
+        for i in range(2):
+            (root / spell(n) / f"{i}.png").write_bytes(png_bytes(20 * n + i))
+    return root
+
+
+def write_numbered(tmp_path, folder, kind, numbers=NUMBERS, spell=str):
+    """The images of ``numbered_folder`` as a list file or tar shard labelled with the plain numbers."""
+    if kind == "list":
+        rows = [(f"{spell(n)}/{i}.png", n) for n in numbers for i in range(2)]
+        return write_list(folder / "numbered.csv", rows)  # in the folder: ids = the folder's ids
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "part-0.tar", "w") as tar:
+        for n in numbers:
+            for i in range(2):
+                image = (folder / spell(n) / f"{i}.png").read_bytes()
+                for ext, data in (("png", image), ("cls", str(n).encode())):
+                    info = tarfile.TarInfo(f"k{n}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(shards)
+
+
+@pytest.mark.parametrize("kind", ["list", "wds"])
+@pytest.mark.parametrize("named_side", ["query", "gallery"])
+def test_class_names_match_numbered_labels_by_value(tmp_path, kind, named_side):
+    # Folder "10" is label 10, not position 2 of the sorted names: every query finds its class first.
+    folder = numbered_folder(tmp_path / "imgs")
+    numbered = write_numbered(tmp_path, folder, kind)
+    query, gallery = (str(folder), numbered) if named_side == "query" else (numbered, str(folder))
+    result = run(data=query, gallery=gallery, ks=[1], knn_k=1)
+    assert result["queries"] == 24 and result["queries_without_relevant"] == 0
+    assert result["recall@1"] == result["map@r"] == result["knn@1"] == 1.0
+
+
+def test_class_names_match_numbered_labels_with_features(tmp_path):
+    folder = numbered_folder(tmp_path / "imgs")
+    feat = tmp_path / "feat"
+    values = dict(data=str(folder), output_dir=str(feat), model="pixels", dtype="float32", pixel_size=4, num_workers=0)
+    extract(config.make(FeaturesConfig, values), quiet=True)
+    gallery = write_numbered(tmp_path, folder, "list")
+    result = run(data=str(folder), gallery=gallery, method="features", features_dir=str(feat), ks=[1])
+    assert result["queries"] == 24 and result["recall@1"] == result["map@r"] == 1.0
+
+
+def test_zero_padded_class_names_are_read_as_their_number(tmp_path):
+    # "007" is 7; gallery label 5 has no query class and query class "010" no gallery image.
+    folder = numbered_folder(tmp_path / "imgs", numbers=(7, 10), spell="{:03d}".format)
+    gallery = write_list(
+        tmp_path / "numbered.csv", [(f"imgs/007/{i}.png", 7) for i in range(2)] + [("imgs/010/0.png", 5)]
+    )
+    result = run(data=str(folder), gallery=gallery, ks=[1])
+    assert result["queries"] == 2 and result["queries_without_relevant"] == 2
+    assert result["recall@1"] == result["map@r"] == 1.0
+
+
+@pytest.mark.parametrize("named_side", ["query", "gallery"])
+def test_class_names_that_are_not_numbers_are_refused(tmp_path, capsys, no_embedding, named_side):
+    folder = make_folder(tmp_path / "imgs", classes=("7", "cat"))
+    numbered = write_list(tmp_path / "numbered.csv", [("imgs/7/0.png", 7), ("imgs/cat/0.png", 8)])
+    query, gallery = (str(folder), numbered) if named_side == "query" else (numbered, str(folder))
+    line = fail(capsys, ["--data", query, "--gallery", gallery, "--method", "pixels", "--num-workers", "0"])
+    assert str(folder) in line and numbered in line and "'cat'" in line and "not a number" in line
+
+
+def test_class_names_of_one_number_are_refused(tmp_path, capsys, no_embedding):
+    folder = make_folder(tmp_path / "imgs", classes=("07", "7"))
+    numbered = write_list(tmp_path / "numbered.csv", [("imgs/7/0.png", 7)])
+    line = fail(capsys, ["--data", str(folder), "--gallery", numbered, "--method", "pixels", "--num-workers", "0"])
+    assert str(folder) in line and numbered in line and "'07' and '7'" in line
+
+
+def test_named_classes_still_match_by_name_not_number(tmp_path):
+    # Both sets name their classes: "07" and "7" are different names, and the numeric names are
+    # matched by name although the gallery's lack of "0" shifts its positions.
+    query = numbered_folder(tmp_path / "query", numbers=(0, 7, 10, 11))
+    gallery = numbered_folder(tmp_path / "gallery", numbers=(7, 10, 11), spell=lambda n: f"{n:02d}")
+    result = run(data=str(query), gallery=str(gallery), ks=[1])
+    assert result["queries"] == 4 and result["queries_without_relevant"] == 4
+    assert result["recall@1"] == result["map@r"] == 1.0
+
+
 # -- method=features: joined by position, never by an ambiguous id --------------------------------------------------
 
 

@@ -14,13 +14,16 @@
 Leave-one-out over ``data`` by default; with ``gallery`` set, ``data`` is the query set. When both sets
 name their classes (class sub-folders, list files with text labels), gallery labels are matched to the
 query's by class name: a gallery class the query set lacks matches no query; with integer labels
-(``.cls``, numeric list labels) the numbers are compared. Every source is opened and its labels are
-checked before anything is embedded.
+(``.cls``, numeric list labels) the numbers are compared. When one set names its classes and the other
+numbers them, each name is read as the number it spells (folder ``10`` is label 10, ``007`` is 7), and a
+name that is not a number is an error (see :func:`label_maps`). Every source is opened and its labels
+are checked before anything is embedded.
 With ``output`` set, the metrics go there as JSON and, as a markdown table, beside it (``.md``).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,21 +151,76 @@ def _open_labelled(path: str, data_format: str, root: str | None, skip_bad: bool
     return source
 
 
-def gallery_label_map(query: Source, gallery: Source) -> np.ndarray | None:
+LabelMaps = tuple[np.ndarray | None, np.ndarray | None]
+
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def label_maps(query: Source, gallery: Source) -> LabelMaps:
+    """(query map, gallery map): what each set's labels go through (:func:`_relabel`) so that equal
+    labels mean the same class; None leaves that set's labels as they are.
+
+    - both sets name their classes: gallery classes are matched to the query's by name
+      (:func:`gallery_label_map`);
+    - neither does (integer labels): the numbers are compared as they are;
+    - one names them and the other only numbers them: each name is read as the number it spells
+      (:func:`names_as_numbers`), so class folder ``10`` matches label 10 and ``007`` matches 7.
+      A name that is not a number is a :class:`DataError` naming both sets.
+
+    A set with no label at all (a gallery of loose images) has nothing to match: its images match no query.
+    """
+    if query.class_names and gallery.class_names:
+        return None, gallery_label_map(query, gallery)
+    if query.class_names and _numbered(gallery):
+        return names_as_numbers(query, ("query", "gallery", gallery)), None
+    if gallery.class_names and _numbered(query):
+        return None, names_as_numbers(gallery, ("gallery", "query", query))
+    return None, None
+
+
+def _numbered(source: Source) -> bool:
+    """True for a source whose labels are plain numbers (no class names) and that labels something."""
+    return not source.class_names and any(r.label is not None for r in source.records)
+
+
+def gallery_label_map(query: Source, gallery: Source) -> np.ndarray:
     """``[gallery classes]`` int64: the query label of each gallery class, matched by class name.
 
-    A gallery class the query set lacks gets a label no query has. None when either source has no
-    class names (integer labels): the label numbers are compared as they are.
+    A gallery class the query set lacks gets a label no query has (a label of its own, so that
+    unmatched classes do not pool their kNN votes).
     """
-    if not (query.class_names and gallery.class_names):
-        return None
     index = {name: i for i, name in enumerate(query.class_names)}
     unmatched = len(query.class_names)
     return np.array([index.get(n, unmatched + j) for j, n in enumerate(gallery.class_names)], dtype=np.int64)
 
 
+def names_as_numbers(named: Source, roles: tuple[str, str, Source]) -> np.ndarray:
+    """``[classes of named]`` int64: the number each class name spells, to compare with the other set's labels.
+
+    ``roles`` is (role of ``named``, role of the other set, the other set), for the error message.
+    A name must be ASCII digits only; its value is ``int(name)``, so leading zeros do not count
+    (``007`` is 7, as a list file's label ``007`` is). A name that is not a number, or two names
+    of one value (``7`` and ``07``, two classes that would merge), is a :class:`DataError`.
+    """
+    role, other_role, other = roles
+    where = f"{role} {named.description} names its classes and {other_role} {other.description} numbers them"
+    bad = next((n for n in named.class_names if not _NUMBER.fullmatch(n)), None)
+    if bad is not None:
+        raise DataError(
+            f"{where}, but class name {bad!r} is not a number, so the classes cannot be matched; "
+            "label both sets by class name or both by number"
+        )
+    numbers = [int(n) for n in named.class_names]
+    seen: dict[int, str] = {}
+    for name, number in zip(named.class_names, numbers, strict=True):
+        if number in seen:
+            raise DataError(f"{where}, but class names {seen[number]!r} and {name!r} both read as the number {number}")
+        seen[number] = name
+    return np.array(numbers, dtype=np.int64)
+
+
 def _relabel(labels: np.ndarray, mapping: np.ndarray | None) -> np.ndarray:
-    """``labels`` through ``mapping`` (see :func:`gallery_label_map`); ``-1`` (no label) stays."""
+    """``labels`` through ``mapping`` (see :func:`label_maps`); ``-1`` (no label) stays."""
     if mapping is None:
         return labels
     return np.where(labels >= 0, mapping[np.maximum(labels, 0)], labels)
@@ -276,7 +334,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     sources = [_open_labelled(cfg.data, cfg.data_format, cfg.data_root, cfg.skip_bad, query=True)]
     if cfg.gallery:
         sources.append(_open_labelled(cfg.gallery, cfg.gallery_format, None, cfg.skip_bad, query=False))
-    mapping = gallery_label_map(*sources) if cfg.gallery else None
+    # Before embedding: a gallery whose labels cannot be matched is an error, not a wrong score.
+    maps = label_maps(*sources) if cfg.gallery else (None, None)
     if cfg.method == "features":
         store = FeatureStore(cfg.features_dir)
         joins = [feature_rows(store, source) for source in sources]
@@ -291,10 +350,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             for s in sources
         ]
     q, ql, skipped = embedded[0]
+    ql = _relabel(ql, maps[0])
     g = gl = None
     if cfg.gallery:
         g, gl, g_skipped = embedded[1]
-        gl = _relabel(gl, mapping)
+        gl = _relabel(gl, maps[1])
         skipped += g_skipped
     result = retrieval_metrics(q, ql, g, gl, ks=cfg.ks, use_gpu=cfg.use_gpu, knn_k=cfg.knn_k)
     result.update(
