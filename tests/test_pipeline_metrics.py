@@ -119,3 +119,14 @@ def test_tie_groups_larger_than_the_slack_follow_gallery_index(loo, monkeypatch)
     assert {name: got[name] for name in want} == pytest.approx(want)
     monkeypatch.setattr(metrics, "RESEARCH_ENTRIES", 1)  # queries searched again one per call
     assert retrieval_metrics(q, ql, None if loo else g, None if loo else gl, ks=ks, use_gpu=False, knn_k=50) == got
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_metrics_do_not_depend_on_the_embeddings_scale(scale):
+    """Cosine search: rows far from unit norm (squares beyond float32's range) score as unit rows do."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    labels = rng.integers(0, 6, 60)
+    want = retrieval_metrics(x, labels, ks=(1, 5), use_gpu=False)
+    got = retrieval_metrics(x * np.float32(scale), labels, ks=(1, 5), use_gpu=False)
+    assert got == want

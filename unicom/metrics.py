@@ -38,8 +38,13 @@ class MetricsError(UserError, ValueError):
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x [n, d]`` scaled to unit norm as float32; an all-zero row stays zero. The squared
+    norms are summed in float64: in float32 they overflow above about 1e19 per entry (and underflow
+    below 1e-19), which turned such rows into zeros or scaled them wrongly."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return x * scale.astype(np.float32)[:, None]
 
 
 def search(query: np.ndarray, gallery: np.ndarray, k: int, use_gpu: bool = True) -> tuple[np.ndarray, np.ndarray]:
