@@ -62,8 +62,39 @@ def test_shards_are_split_across_ranks_and_workers(tmp_path):
         assert len(got) == dataset.batches_per_epoch() > 0 and all(len(k) == 4 for k, _, _ in got)
         keys = [k for ks, _, _ in got for k in ks]
         assert len(set(keys)) == len(keys)
-        seen.append({k >> 32 for k in keys})
-    assert not seen[0] & seen[1]  # no shard is read by both ranks
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]  # no sample is read by both ranks
+
+
+@pytest.mark.parametrize("slots", [1, 3, 4, 16])
+def test_the_deal_balances_samples_not_shards(slots):
+    rng = np.random.default_rng(slots)
+    kept = rng.integers(0, 50, 16)
+    kept[[2, 9]] = [0, 400]  # a shard without labelled samples, and one larger than a slot's share
+    pieces = stream.deal(kept, slots, seed=3)
+    totals = [sum(p.hi - p.lo for p in slot) for slot in pieces]
+    assert max(totals) - min(totals) <= 1 and sum(totals) == kept.sum()
+    covered = sorted((p.shard, i) for slot in pieces for p in slot for i in range(p.lo, p.hi))
+    assert covered == [(s, i) for s in range(16) for i in range(kept[s])]  # each labelled sample once
+    assert sum(len(slot) for slot in pieces) <= np.count_nonzero(kept) + slots - 1  # a cut splits one shard
+    assert pieces == stream.deal(kept, slots, seed=3)  # every rank deals alike
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_an_epoch_sees_nearly_every_sample_when_shard_sizes_differ(tmp_path):
+    """16 shards, one short, at 4 ranks x 4 workers: dealt by shard count each slot would hold one shard
+    and be cut to the short one's 5 samples (64 of 605 seen); dealt by samples, at most a batch per slot
+    is left out. Every sample comes at most once, and resume stays exact."""
+    shards = write_shards(tmp_path, [40] * 15 + [5])
+    ranks = [make_stream(shards, rank=r, world_size=4, num_workers=4) for r in range(4)]
+    keys = [k for dataset in ranks for ks, _, _ in batches(dataset, workers=4) for k in ks]
+    assert len(set(keys)) == len(keys) >= 0.9 * 605
+    assert ranks[0].batches_per_epoch() * 4 * 4 == len(keys) >= 605 - 16 * 4
+    dataset = ranks[1]
+    dataset.epoch = 2
+    straight = [k for k, _, _ in batches(dataset, workers=4)]
+    for start in (1, 6, len(straight) - 1):
+        assert [k for k, _, _ in batches(dataset, start, 4)] == straight[start:]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -87,7 +118,7 @@ def test_resume_does_not_open_the_shards_already_read(tmp_path, monkeypatch):
     real = stream.iter_tar
     monkeypatch.setattr(stream, "iter_tar", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
     batches(dataset)
-    order = [shards[s] for s in dataset._order(0)[0]]
+    order = [shards[piece.shard] for piece in dataset._order(0)[0]]
     assert opened == order
     opened.clear()
     dataset.start_batch = 7  # 28 of the 48 samples taken: the buffer of 3 holds samples of the third shard
@@ -140,6 +171,14 @@ def test_a_shard_shorter_than_its_table_is_an_error(tmp_path):
     table = ShardTable([f"shard-00{s}.tar" for s in range(2)], np.array([8, 6]), np.array([0, 8]), np.array([8, 6]))
     dataset = make_stream(shards, labels=PositionLabels(table, np.zeros(14, np.int64), None), batch_size=2)
     with pytest.raises(DataError, match="shard-000.tar ends at sample 6, before the 8"):
+        batches(dataset)
+
+
+def test_a_shard_longer_than_its_table_is_an_error(tmp_path):
+    shards = write_shards(tmp_path, [9, 6])  # shard 0 grew after its features were made
+    table = ShardTable([f"shard-00{s}.tar" for s in range(2)], np.array([6, 6]), np.array([0, 6]), np.array([6, 6]))
+    dataset = make_stream(shards, labels=PositionLabels(table, np.arange(12) % 3, None), batch_size=2, buffer=3)
+    with pytest.raises(DataError, match="shard-000.tar holds 9 samples but the shard table lists 6"):
         batches(dataset)
 
 

@@ -11,17 +11,22 @@ are read. Anything held for the run is O(shards); a shard's labels are read when
 
 :class:`ShardStream` is the training stream (an ``IterableDataset``):
 
-- **Split**: shards are dealt once, from a permutation seeded by ``seed``, to the ``W x max(1,
-  num_workers)`` slots (rank ``r``, data-loader worker ``w``); each epoch a slot reads its shards
-  in an order seeded by ``(seed, epoch, slot)``.
+- **Split**: once per run, the shards, in a permutation seeded by ``seed``, are laid end to end
+  by their labelled samples and cut into ``W x max(1, num_workers)`` runs whose totals differ by
+  at most one, one per slot (rank ``r``, data-loader worker ``w``); a run is a list of
+  **pieces** (a shard, or the contiguous part of one that a cut falls inside: at most ``slots -
+  1`` shards are split between slots). Each epoch a slot reads its pieces in an order
+  seeded by ``(seed, epoch, slot)``.
 - **Order**: samples without a label (``-1``) are left out; the rest pass a shuffle buffer of
   ``buffer`` samples seeded by ``(seed, epoch, slot)``. Every slot yields the same number of full
-  batches per epoch (the least any slot can fill), so ranks step together; the few samples of
-  the longer slots past that count are not seen that epoch.
+  batches per epoch, so ranks step together; what a slot holds past that count (at most
+  ``batch_size`` samples) is not seen that epoch.
+- **Checks**: a tar that ends before, or holds more samples than, the shard table lists for it
+  raises :class:`DataError` when the stream reads there (no extra pass over the data).
 - **Resume** from ``(epoch, batch)``: the buffer's choices depend only on the seed and the
   sample counts, so each worker replays them on integers (no data read; ~1 s per million
-  samples) to find its shard cursor, the position in that shard, and the samples then in the
-  buffer. It then reads only from the oldest of those on: shards before it are not opened again.
+  samples) to find its piece cursor, the position in that piece, and the samples then in the
+  buffer. It then reads only from the oldest of those on: pieces before it are not opened again.
   The batches that follow equal an uninterrupted run's; the world size and worker count must
   be the ones the epoch started with.
 
@@ -32,11 +37,13 @@ indexes them.
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -180,6 +187,35 @@ class _Order:
         return n
 
 
+class Piece(NamedTuple):
+    """Labelled samples ``lo .. hi - 1`` (counted among the shard's labelled ones) of shard ``shard``."""
+
+    shard: int
+    lo: int
+    hi: int
+
+
+def deal(kept: np.ndarray, slots: int, seed: int) -> list[list[Piece]]:
+    """Per slot, its pieces: the shards in an order seeded by ``seed``, laid end to end by their
+    ``kept`` (``[S]``) labelled samples and cut into ``slots`` runs of ``T // slots`` or one more
+    samples (``T = kept.sum()``). Depends on its arguments only, so every rank deals alike."""
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    total = int(kept.sum())
+    cuts = [k * total // slots for k in range(slots + 1)]
+    pieces: list[list[Piece]] = [[] for _ in range(slots)]
+    begin = 0  # where the shard begins on the line of all labelled samples
+    for s in order:
+        lo, count = 0, int(kept[s])
+        while lo < count:  # a shard without labelled samples is no piece
+            k = bisect.bisect_right(cuts, begin + lo) - 1  # the slot whose run holds sample lo
+            hi = min(count, cuts[k + 1] - begin)
+            pieces[k].append(Piece(s, lo, hi))
+            lo = hi
+        begin += count
+    return pieces
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Items ``(image [3, H, W] float32, label int64, key int64, ok bool)`` of one rank (see module docstring).
 
@@ -219,10 +255,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.units = labels.units_of(shards)
             kept = labels.kept_counts()[self.units]
         self.kept = kept  # [S] int64, samples per shard that the stream yields
-        deal = list(range(len(shards)))
-        random.Random(seed).shuffle(deal)
-        self.slot_shards = [sorted(deal[k::slots]) for k in range(slots)]
-        fewest = min(int(kept[s].sum()) for s in self.slot_shards)
+        # Dealt by samples, not shards: slot totals then differ by at most one, so the cut to the
+        # smallest slot (ranks step together) drops at most a batch per slot however sizes differ.
+        self.slot_pieces = deal(kept, slots, seed)
+        fewest = int(kept.sum()) // slots
         self.worker_batches = fewest // batch_size
         if self.worker_batches == 0:
             raise DataError(
@@ -234,17 +270,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Batches of one rank per epoch (every rank and epoch alike)."""
         return self.worker_batches * self.workers
 
-    def _order(self, slot: int) -> tuple[list[int], random.Random]:
-        """The slot's shards in this epoch's order, and the buffer's generator."""
-        order = list(self.slot_shards[slot])
+    def _order(self, slot: int) -> tuple[list[Piece], random.Random]:
+        """The slot's pieces in this epoch's order, and the buffer's generator."""
+        order = list(self.slot_pieces[slot])
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
         rng.shuffle(order)
         return order, rng
 
-    def _replay(self, role: int, yielded: int) -> tuple[list[int], _Order]:
-        """Worker ``role``'s shards in this epoch's order, and its buffer after ``yielded`` samples."""
+    def _replay(self, role: int, yielded: int) -> tuple[list[Piece], _Order]:
+        """Worker ``role``'s pieces in this epoch's order, and its buffer after ``yielded`` samples."""
         order, rng = self._order(self.rank * self.workers + role)
-        state = _Order(int(sum(self.kept[s] for s in order)), self.buffer, rng)
+        state = _Order(sum(p.hi - p.lo for p in order), self.buffer, rng)
         for _ in range(yielded):
             state.step()
         return order, state
@@ -254,43 +290,62 @@ class ShardStream(torch.utils.data.IterableDataset):
         return max(0, -(-(self.start_batch - role) // self.workers)) * self.batch_size
 
     def cursors(self) -> list[tuple[int, int]]:
-        """Per worker, where it reads from at ``start_batch`` of ``epoch``: (shard cursor in this epoch's
-        order of its shards, labelled sample in that shard), the oldest sample still in its buffer."""
+        """Per worker, where it reads from at ``start_batch`` of ``epoch``: (piece cursor in this epoch's
+        order of its pieces, labelled sample in that piece's shard), the oldest sample still in its buffer."""
         return [self._cursor(role) for role in range(self.workers)]
 
     def _cursor(self, role: int) -> tuple[int, int]:
         order, state = self._replay(role, self._yielded(role))
-        bounds = np.cumsum([0] + [int(self.kept[s]) for s in order])
+        bounds = np.cumsum([0] + [p.hi - p.lo for p in order])
         first = min(state.pending, default=state.next_read)
         cursor = int(np.searchsorted(bounds, first, side="right") - 1)
-        return cursor, int(first - bounds[cursor])
+        return cursor, int(order[cursor].lo + first - bounds[cursor]) if cursor < len(order) else 0
 
-    def _items(self, order: list[int], first: int) -> Iterator[tuple[int, TarSample | None, int, int]]:
+    def _items(self, order: list[Piece], first: int) -> Iterator[tuple[int, TarSample | None, int, int]]:
         """``(stream index, sample or None when the shard lost it, shard, label)`` from stream index ``first``."""
         n = 0
-        for s in order:
-            count = int(self.kept[s])
-            k = max(0, first - n)
-            if k >= count:
-                n += count
+        for piece in order:
+            size = piece.hi - piece.lo
+            if first - n < size:
+                for k, sample, s, label in self._piece_items(piece, max(0, first - n)):
+                    yield n + k, sample, s, label
+            n += size
+
+    def _piece_items(self, piece: Piece, skip: int) -> Iterator[tuple[int, TarSample | None, int, int]]:
+        """``(index in the piece, sample or None, shard, label)`` of ``piece`` from its ``skip``-th sample on."""
+        s, path, count = piece.shard, self.shards[piece.shard], int(self.kept[piece.shard])
+        unit_labels = None if self.labels is None else self.labels.unit_labels(self.units[s])
+        wanted = np.arange(count) if unit_labels is None else np.flatnonzero(unit_labels >= 0)
+        listed = count if unit_labels is None else len(unit_labels)  # samples the tar should hold
+        k = piece.lo + skip
+        samples = iter_tar(path, self.skip_bad, read=True, start=int(wanted[k]))
+        for sample in samples:
+            if sample.position != wanted[k]:
                 continue
-            unit_labels = None if self.labels is None else self.labels.unit_labels(self.units[s])
-            wanted = np.arange(count) if unit_labels is None else np.flatnonzero(unit_labels >= 0)
-            for sample in iter_tar(self.shards[s], self.skip_bad, read=True, start=int(wanted[k])):
-                if sample.position == wanted[k]:
-                    own = -1 if sample.label is None else sample.label
-                    yield n + k, sample, s, own if unit_labels is None else int(unit_labels[sample.position])
-                    k += 1
-                    if k == count:
-                        break
-            if k < count and not self.skip_bad:
-                raise DataError(
-                    f"webdataset shard {self.shards[s]} ends at sample {int(wanted[k])}, before the "
-                    f"{int(wanted[-1]) + 1} the shard table lists: the features were made from other shards"
-                )
-            for lost in range(k, count):  # samples a damaged shard lost (skip_bad): ignored rows
-                yield n + lost, None, s, -1
-            n += count
+            if k + 1 == count:  # checked before the shard's last sample: an epoch may end on it
+                self._check_no_more(path, samples, listed)
+            own = -1 if sample.label is None else sample.label
+            yield k - piece.lo, sample, s, own if unit_labels is None else int(unit_labels[sample.position])
+            k += 1
+            if k == piece.hi:
+                break
+        if k < piece.hi and not self.skip_bad:
+            raise DataError(
+                f"webdataset shard {path} ends at sample {int(wanted[k])}, before the "
+                f"{int(wanted[-1]) + 1} the shard table lists: the features were made from other shards"
+            )
+        for lost in range(k, piece.hi):  # samples a damaged shard lost (skip_bad): ignored rows
+            yield lost - piece.lo, None, s, -1
+
+    def _check_no_more(self, path: str, samples: Iterator[TarSample], listed: int) -> None:
+        """Raise :class:`DataError` when ``samples`` (the rest of ``path``'s walk) hold a position past
+        ``listed``: the tar grew since its table was written. Reads only the samples left in the tar."""
+        if any(sample.position >= listed for sample in samples):
+            held = int(ShardTable.scan([path]).samples[0])  # headers only, and only on the way to the error
+            raise DataError(
+                f"webdataset shard {path} holds {held} samples but the shard table lists {listed}: "
+                "the features were made from other shards"
+            )
 
     def _decode(self, sample: TarSample | None, s: int, label: int) -> tuple[torch.Tensor, int, int, bool]:
         key = s * 2**32 + (sample.position if sample else 0)

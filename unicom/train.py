@@ -783,7 +783,7 @@ def train(cfg: TrainConfig) -> dict:
                     dataset.epoch, dataset.start_batch = divmod(step, per_epoch)
                     print(
                         f"train: the stream resumes epoch {dataset.epoch} at batch {dataset.start_batch}; "
-                        f"(shard cursor, sample) per worker of rank 0: {dataset.cursors()}",
+                        f"(piece cursor, sample) per worker of rank 0: {dataset.cursors()}",
                         file=sys.stderr,
                     )
             if "log" in state:  # absent in checkpoints of older versions
@@ -806,7 +806,8 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main:
         weights = cfg.pretrained or "random init"
         print(
-            f"train: {num_samples} samples ({'stream' if stream else 'indexed'}), {num_classes} classes "
+            f"train: {num_samples} samples ({'stream' if stream else 'indexed'}; "
+            f"{per_epoch * cfg.batch_size * info.world_size} an epoch, in full batches), {num_classes} classes "
             f"({'pseudo-labels' if cfg.pseudo_labels else 'labels'}"
             f"), {cfg.arch} ({weights}) -> {cfg.embedding_dim}-d, {info.world_size} rank(s) on {device}, "
             f"loss {parallel}, {total} steps of {cfg.batch_size}/rank, amp={'bf16' if use_amp else 'off'}",
