@@ -36,13 +36,21 @@ def _one_minus_pow(t, log_beta):
     """``1 - beta^t`` in fp32 from ``ln(beta)`` (``-inf`` for ``beta = 0``), ``t >= 1``.
 
     ``beta^t`` is close to 1 early on (``0.999^1``): ``1 - exp(a)`` would cancel, so this uses
-    Kahan's ``expm1(a) = (exp(a) - 1) * a / ln(exp(a))``, accurate to a few ulps.
+    Kahan's ``expm1(a) = (exp(a) - 1) * a / ln(exp(a))``, accurate to a few ulps. Below ``a = -30``
+    the answer is 1 in fp32 (``e^-30 < 1e-13``); clamping there keeps ``exp(a)`` out of the
+    subnormals, where ``ln`` of its few bits (or a GPU's flush to zero) would spoil the quotient.
     """
-    a = t * log_beta
+    a = tl.maximum(t * log_beta, -30.0)
     u = tl.exp(a)
-    safe = tl.where((u == 1.0) | (u == 0.0), 0.5, u)  # keeps the unused branch free of log(0) and 0 / 0
-    expm1 = tl.where(u == 1.0, a, tl.div_rn((u - 1.0) * a, tl.log(safe)))
-    return tl.where(u == 0.0, 1.0, -expm1)
+    safe = tl.where(u == 1.0, 0.5, u)  # keeps the unused branch free of 0 / 0
+    return -tl.where(u == 1.0, a, tl.div_rn((u - 1.0) * a, tl.log(safe)))
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """``torch.lerp``'s two-sided form: from ``end`` when ``weight >= 0.5``, so that ``weight = 1``
+    (``beta1 = 0``) gives ``end`` exactly instead of ``start + (end - start)``, which cancels."""
+    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
 
 
 @triton.jit
@@ -84,7 +92,7 @@ def _adamw_rows_kernel(
         m = tl.load(exp_avg_ptr + p_off + d0 + cols, mask=ok, other=0.0)
         v = tl.load(exp_avg_sq_ptr + p_off + d0 + cols, mask=ok, other=0.0)
         p = p * decay  # decoupled weight decay, applied before the Adam step as in torch.optim.AdamW
-        m = m + (1.0 - beta1) * (g - m)
+        m = _lerp(m, g, 1.0 - beta1)
         v = v * beta2 + (1.0 - beta2) * (g * g)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - tl.div_rn(step_size * m, denom)
