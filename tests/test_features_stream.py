@@ -264,17 +264,31 @@ def test_resume_in_process_opens_only_the_unfinished_tars(wds, tmp_path, monkeyp
 
 
 def test_two_ranks_take_alternate_tars(wds, tmp_path, monkeypatch):
+    """As under torchrun: rank 0 checks the folder and writes meta.json before the first barrier, and the index
+    after the last one, when every shard is there. Rank 1 runs here inside rank 0's first barrier."""
     data, written = wds
     out = tmp_path / "feats"
-    opened = []
+    opened, barriers, rank_1 = [], [], {}
     real = features.iter_tar
     monkeypatch.setattr(features, "iter_tar", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
-    for rank in (1, 0):  # rank 0 writes the index once every shard is there (a barrier under torchrun)
-        monkeypatch.setattr(dist, "setup", lambda *a, rank=rank, **k: dist.DistInfo(rank, 2, 0, torch.device("cpu")))
-        index = extract(pixel_cfg(data, out), quiet=True)
-        assert [int(p[-7:-4]) for p in opened] == list(range(rank, 6, 2))
-        assert (index == {}) == (rank == 1)
-        opened.clear()
+
+    def as_rank(rank):
+        monkeypatch.setattr(dist, "setup", lambda *a, **k: dist.DistInfo(rank, 2, 0, torch.device("cpu")))
+
+    def barrier():
+        barriers.append(len(opened))
+        if len(barriers) == 1:  # rank 0 has claimed the folder: rank 1 runs to its end (its barriers pass)
+            as_rank(1)
+            rank_1["index"] = extract(pixel_cfg(data, out), quiet=True)
+            rank_1["opened"] = [int(p[-7:-4]) for p in opened]
+            opened.clear()
+
+    monkeypatch.setattr(dist, "barrier", barrier)
+    as_rank(0)
+    index = extract(pixel_cfg(data, out), quiet=True)
+    assert barriers[0] == 0  # rank 0 read no tar before the barrier
+    assert rank_1 == {"index": {}, "opened": [1, 3, 5]}
+    assert [int(p[-7:-4]) for p in opened] == [0, 2, 4] and index["rows"] == len(FeatureStore(out))
     check(out, written)
 
 
@@ -437,3 +451,21 @@ def test_text_mode_keeps_undecodable_images_with_a_caption(wds, tmp_path, tiny, 
     ids = FeatureStore(tmp_path / "feats").ids
     assert "k1_002" in ids and "k1_001" not in ids and "k4_003" not in ids  # the cut sample lost its caption too
     assert index["rows"] == len(ids) == sum(1 for s in written for k, d, c in s if c and k != "k4_003")
+
+
+def test_auto_mode_leaves_damaged_samples_out_of_the_caption_census(tmp_path, tiny, capsys, one_thread):
+    """With --skip-bad a damaged sample is skipped in every mode: it does not make the stream caption-less."""
+    data = tmp_path / "shards"
+    write_wds(data, [[("png", True)] * 4])
+    path = data / "shard-000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, payload in members:
+            if member.name == "k0_002.cls":
+                payload = b"not a number"
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    index = extract(clip_cfg(data, tmp_path / "feats", tiny, mode="auto", skip_bad=True))
+    assert index["mode"] == "joint" and index["rows"] == 3 and index["skipped"] == 1
+    assert "mode=joint: the 3 samples of the first shard" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from unicom.data import (  # noqa: E402
     DataError,
     EpochBatchSampler,
     ImageDataset,
+    decode_image,
     expand_shards,
     folder_source,
     iter_tar,
@@ -178,3 +179,24 @@ def test_existing_paths_are_taken_literally(tmp_path):
     listed = [str(shards / "p{2}.tar"), str(shards / "q[3].tar")]
     assert expand_shards(",".join(listed)) == listed  # each existing part of a list is literal too
     assert len(expand_shards(str(tmp_path / "sh*" / "*.tar"))) == 3  # a path that does not exist is a pattern
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits():
+    """Not clipped to 0/255 by the RGB conversion: every Pillow mode 16-bit files open as gives the image
+    that the same picture at 8 bits gives."""
+    values = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    expected = np.repeat(np.rint(values / 257).astype(np.uint8)[..., None], 3, axis=2)
+    encoded = {}
+    for fmt, array in [("PNG", values), ("TIFF", values.astype(">u2"))]:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt)
+        encoded[fmt] = buffer.getvalue()
+    encoded["PGM"] = b"P5\n16 16\n65535\n" + values.astype(">u2").tobytes()
+    for fmt, data in encoded.items():
+        mode = Image.open(io.BytesIO(data)).mode
+        assert mode in ("I;16", "I;16B", "I"), (fmt, mode)
+        image = decode_image(data, "s", fmt)
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected), (fmt, mode)
+    buffer = io.BytesIO()
+    Image.fromarray(expected[..., 0]).save(buffer, format="PNG")  # 8-bit grayscale: as it was
+    assert np.array_equal(np.asarray(decode_image(buffer.getvalue(), "s", "8-bit")), expected)

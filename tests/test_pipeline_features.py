@@ -1,10 +1,13 @@
 """Features with a tiny random-init open_clip model: shapes, normalisation, fp16, resume by shard."""
 
 import json
+import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 for _module in ("yaml", "tqdm"):  # the pipeline extra
@@ -16,6 +19,7 @@ from unicom import atomic, config, features  # noqa: E402
 from unicom.data import DamagedFileError, DataError  # noqa: E402
 from unicom.demo import TINY_CLIP, TINY_NAME  # noqa: E402
 from unicom.features import FeaturesConfig, FeatureStore, extract, shard_paths  # noqa: E402
+from unicom.model import load_clip  # noqa: E402
 from unicom.stream import POSITIONS_FILE, ShardTable  # noqa: E402
 
 
@@ -155,6 +159,8 @@ def test_an_id_with_a_line_break_is_refused_before_encoding(setup, monkeypatch, 
     assert index["rows"] == 9 and index["skipped"] == 1 and index["num_samples"] == 10
     assert FeatureStore(tmp_path / "feats").ids == [f"{i:02d}.png" for i in range(10) if i != 3]
     assert np.load(tmp_path / "feats" / POSITIONS_FILE).tolist() == list(range(1, 10))  # "0\n3.png" sorts first
+    unit = json.loads(shard_paths(tmp_path / "feats", 0).unit.read_text())
+    assert unit["no_caption"] == 0  # skipped for its id: it has a caption
 
 
 def test_damaged_files_are_one_error_naming_the_file(setup, capsys):
@@ -190,3 +196,119 @@ def test_damaged_files_are_one_error_naming_the_file(setup, capsys):
         assert extract(cfg, quiet=True)["rows"] == 10
     (out / "meta.json").write_text("{not json")
     assert extract(config.make(FeaturesConfig, {**vars(cfg), "overwrite": True}), quiet=True)["rows"] == 10
+
+
+def interrupted(out):
+    """Leave ``out`` as a run killed after its first shard leaves it: shard 0 finished, no index."""
+    for s in (1, 2):
+        shard_paths(out, s).features.unlink()
+    (out / "index.json").unlink()
+
+
+def test_a_replaced_model_config_is_refused(setup):
+    """model_config is a setting by the architecture it holds, not by its path."""
+    tmp_path, model_config = setup
+    out = tmp_path / "feats"
+    extract(make_cfg(tmp_path, model_config, mode="image"), quiet=True)
+    interrupted(out)
+    atomic.write_text(model_config, json.dumps(TINY_CLIP, indent=4))  # the same architecture, reformatted
+    extract(make_cfg(tmp_path, model_config, mode="image"), quiet=True)
+    other = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "layers": TINY_CLIP["vision_cfg"]["layers"] + 1}}
+    atomic.write_json(model_config, other)  # another architecture at the same path
+    interrupted(out)
+    with pytest.raises(config.ConfigError, match=r"different settings \(\['model_config_digest'\]\).*--overwrite"):
+        extract(make_cfg(tmp_path, model_config, mode="image"), quiet=True)
+
+
+def test_a_replaced_local_weights_file_is_refused(setup):
+    """A local pretrained file is known by its size and modification time (as the tars are)."""
+    tmp_path, model_config = setup
+    out, weights = tmp_path / "feats", tmp_path / "weights.pt"
+    torch.save(load_clip(TINY_NAME, None, model_config)[0].state_dict(), weights)
+    cfg = make_cfg(tmp_path, model_config, mode="image", pretrained=str(weights))
+    extract(cfg, quiet=True)
+    interrupted(out)
+    extract(cfg, quiet=True)  # the same file: resumed
+    interrupted(out)
+    stamp = weights.stat().st_mtime_ns
+    torch.manual_seed(1)
+    torch.save(load_clip(TINY_NAME, None, model_config)[0].state_dict(), weights)  # a later checkpoint, same path
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))  # saved a second later (the clock may not have ticked)
+    with pytest.raises(config.ConfigError, match=r"different settings \(\['pretrained_file'\]\)"):
+        extract(cfg, quiet=True)
+    extract(replace(cfg, overwrite=True), quiet=True)
+    recorded = json.loads((out / "meta.json").read_text())["pretrained_file"]
+    assert recorded == {"size": weights.stat().st_size, "mtime_ns": stamp + 10**9}
+
+
+def test_a_resume_in_another_precision_is_refused(setup, monkeypatch):
+    """The encoder computes in bf16 autocast on CUDA and in fp32 on the CPU: a run begun on one does not
+    resume on the other. The CUDA path's precision is made to apply on the CPU here."""
+    tmp_path, model_config = setup
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = make_cfg(tmp_path, model_config, mode="image", dtype="float32")
+    assert features.encode_precision(cfg, cuda) == "bf16" and features.encode_precision(cfg, cpu) == "fp32"
+    assert features.encode_precision(pixel_cfg(tmp_path), cuda) == "fp32"  # no network, no autocast
+    out = tmp_path / "feats"
+    fp32 = extract(cfg, quiet=True)
+    rows = FeatureStore(out).rows()
+    assert fp32["precision"] == "fp32"
+    interrupted(out)
+    monkeypatch.setattr(features, "encode_precision", lambda *args: "bf16")
+    with pytest.raises(config.ConfigError, match=r"different settings \(\['precision'\]\).*--overwrite"):
+        extract(cfg, quiet=True)
+    assert extract(replace(cfg, overwrite=True), quiet=True)["precision"] == "bf16"
+    assert not np.array_equal(FeatureStore(out).rows(), rows)  # the encoder did run in bf16
+
+
+def test_a_folder_of_earlier_settings_is_refused_naming_the_new_keys(setup):
+    tmp_path, _ = setup
+    out = tmp_path / "feats"
+    extract(pixel_cfg(tmp_path), quiet=True)
+    interrupted(out)
+    meta = json.loads((out / "meta.json").read_text())
+    for key in ("model_config_digest", "pretrained_file", "precision"):
+        del meta[key]
+    atomic.write_json(out / "meta.json", meta)
+    keys = r"\['model_config_digest', 'precision', 'pretrained_file'\]"
+    with pytest.raises(config.ConfigError, match=rf"different settings \({keys}\); .*--overwrite"):
+        extract(pixel_cfg(tmp_path), quiet=True)
+    assert extract(pixel_cfg(tmp_path, overwrite=True), quiet=True)["rows"] == 10
+
+
+def test_finished_shards_without_meta_json_are_refused(setup):
+    """Nothing says which settings made them: neither resumed nor mixed with rows of other settings."""
+    tmp_path, _ = setup
+    out = tmp_path / "feats"
+    extract(pixel_cfg(tmp_path), quiet=True)
+    interrupted(out)
+    (out / "meta.json").unlink()
+    with pytest.raises(config.ConfigError, match=rf"^{re.escape(str(out))} holds feature shards but no meta.json"):
+        extract(pixel_cfg(tmp_path, pixel_size=5), quiet=True)
+    assert shard_paths(out, 0).features.is_file()  # left alone
+    index = extract(pixel_cfg(tmp_path, pixel_size=5, overwrite=True), quiet=True)
+    assert index["dim"] == 3 * 25 and FeatureStore(out).rows().shape == (10, 75)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_folder_of_unfinished_shards_is_taken_over(setup, monkeypatch):
+    """A run killed after a shard's positions but before its features holds no finished shard."""
+    tmp_path, _ = setup
+    out = tmp_path / "feats"
+    real = atomic.save_npy
+
+    def killed(path, array):
+        if path.name == "shard_00000.npy":
+            raise _Killed
+        real(path, array)
+
+    monkeypatch.setattr(atomic, "save_npy", killed)
+    with pytest.raises(_Killed):
+        extract(pixel_cfg(tmp_path), quiet=True)
+    monkeypatch.setattr(atomic, "save_npy", real)
+    assert shard_paths(out, 0).positions.is_file() and not shard_paths(out, 0).features.exists()
+    index = extract(pixel_cfg(tmp_path, pixel_size=5), quiet=True)  # other settings
+    assert index["dim"] == 3 * 25 and index["rows"] == 10

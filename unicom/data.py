@@ -186,13 +186,36 @@ class Source:
         return decode_image(self.read_bytes(index), rec.id, rec.location)
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how Pillow opens 16-bit PGM (and some PNG)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with 16-bit grayscale content scaled to 8 bits (``L``); other images as they are.
+
+    ``convert("RGB")`` would clip each 16-bit value to 0..255, leaving a nearly binary picture. Values are
+    taken as 16-bit (those of an ``I`` image clipped to 0..65535) and mapped linearly: ``round(v * 255 / 65535)``.
+    """
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image)
+    if values.dtype.kind == "i":
+        values = values.clip(0, 65535)
+    scaled = (values.astype(np.uint32) * 255 + 32767) // 65535  # rounded; at most 16.7M, fits uint32
+    return Image.fromarray(scaled.astype(np.uint8))
+
+
 def decode_image(data: bytes, sample: str, location: str) -> Image.Image:
     """Decode the encoded image ``data`` of sample ``sample`` (stored in ``location``) to RGB; raises
-    :class:`DataError` naming both."""
+    :class:`DataError` naming both.
+
+    A 16-bit grayscale image (Pillow mode ``I;16`` and its byte orders, or ``I`` as Pillow opens 16-bit PGM
+    files and some PNGs) is scaled to 8 bits first, ``v -> round(v * 255 / 65535)`` (``I`` values clipped
+    to 0..65535), so that it looks as its 8-bit version does; any other mode is converted as Pillow does.
+    """
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-        return image.convert("RGB")
+        return _eight_bit(image).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(f"sample {sample!r}: cannot decode image {location}: {exc}") from exc
 

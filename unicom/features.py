@@ -47,17 +47,23 @@ skips it. Under ``torchrun`` rank r computes shards r, r + W, ...; rank 0 writes
 A rerun with other settings (see ``meta.json``; for webdataset shards it records the tars' names,
 sizes and modification times, not their sample counts; for a folder or list file, the sample count,
 ``data_root`` and a digest of the samples' ids and absolute paths, and of their captions in a mode
-that reads them) is refused unless ``--overwrite``, which first deletes the old ``index.json``,
-``ids.txt`` and shards, then writes the new ``meta.json``: a run killed part-way leaves no index
-(readers refuse the folder) and a rerun with the new settings resumes it. A folder without any
-shard (a run that failed before its first one) holds nothing to protect: a rerun with other
-settings takes it over.
+that reads them; for the model, a digest of the ``model_config`` architecture and the size and
+modification time of a local ``pretrained`` file, so a file replaced at the same path is another
+model; and the precision the rows are computed in, ``bf16`` autocast on CUDA or ``fp32``, so a run
+begun on the CPU does not resume on a GPU) is refused unless ``--overwrite``, which first deletes the
+old ``index.json``, ``ids.txt`` and shards, then writes the new ``meta.json``: a run killed part-way
+leaves no index (readers refuse the folder) and a rerun with the new settings resumes it. Finished
+shards without a ``meta.json`` (or with a damaged one) are refused the same way: nothing says which
+settings made them. A folder without any finished shard (a run that failed before its first one)
+holds nothing to protect: a rerun with other settings takes it over.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -84,7 +90,7 @@ from .data import (
     open_source,
     resolve_format,
 )
-from .model import eval_transform, load_clip, pixel_transform
+from .model import eval_transform, load_clip, pixel_transform, read_model_config
 from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 MODES = ("auto", "joint", "image", "text")
@@ -173,12 +179,17 @@ class _Captions:
 
 
 def _caption_census(source: Source | TarShards) -> _Captions:
+    """Which samples lack a caption, among those a run would use: a damaged sample (or one whose id cannot
+    be written), which ``skip_bad`` skips in every mode, has no say in the mode."""
     if isinstance(source, Source):
-        missing = [r.id for r in source.records if not r.caption]
-        return _Captions(len(source), len(missing), missing[0] if missing else None, f"the {len(source)} samples")
+        usable = [r for r in source.records if not r.error]
+        missing = [r.id for r in usable if not r.caption]
+        return _Captions(len(usable), len(missing), missing[0] if missing else None, f"the {len(usable)} samples")
     for s, path in enumerate(source.paths):  # the first tar that holds samples; its headers and captions only
         samples, missing, example = 0, 0, None
         for sample in iter_tar(path, source.skip_bad):
+            if sample.error or id_problem(sample.key):
+                continue
             samples += 1
             if not sample.caption:
                 missing += 1
@@ -193,7 +204,8 @@ def resolve_mode(cfg: FeaturesConfig, source: Source | TarShards, quiet: bool = 
     """The mode to run: ``auto`` resolved from the captions; a caption mode the source cannot feed is an
     error now, before any model is loaded (a sample without caption would otherwise stop the run later).
 
-    An indexed source is judged on all its samples, webdataset shards on the first shard that holds any.
+    An indexed source is judged on all its samples, webdataset shards on the first shard that holds any;
+    damaged samples, which ``skip_bad`` skips in every mode, do not count.
     """
     if cfg.model == "pixels":
         return "image"
@@ -215,7 +227,7 @@ def resolve_mode(cfg: FeaturesConfig, source: Source | TarShards, quiet: bool = 
                 file=sys.stderr,
             )
         return "image"
-    if cfg.mode in CAPTION_MODES and seen.missing == seen.samples:
+    if cfg.mode in CAPTION_MODES and seen.missing and seen.missing == seen.samples:
         raise config.ConfigError(
             f"mode={cfg.mode} needs captions, but {source.description} has none"
             + (f" in {seen.scope}" if streamed else "")
@@ -254,7 +266,32 @@ def _check_ids(source: Source, skip_bad: bool) -> None:
         source.records[i] = replace(r, error=message)
 
 
-def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards) -> dict:
+def encode_precision(cfg: FeaturesConfig, device: torch.device) -> str:
+    """The precision the features are computed in: ``bf16`` (autocast) for an open_clip model on CUDA, else
+    ``fp32``. It changes the rows, so it is a setting: one folder never mixes the two."""
+    return "bf16" if cfg.model != "pixels" and device.type == "cuda" else "fp32"
+
+
+def _model_identity(cfg: FeaturesConfig) -> dict:
+    """What the files ``model_config`` and a local ``pretrained`` hold, so that a file replaced at the same
+    path counts as another model: a digest of the architecture, and the weights file's size and modification
+    time (as the tars are fingerprinted; hashing gigabytes of weights would be slow). An open_clip tag names
+    fixed weights: its name is enough."""
+    if cfg.model == "pixels":
+        return {"model_config_digest": None, "pretrained_file": None}
+    digest = None
+    if cfg.model_config:
+        arch = read_model_config(cfg.model_config)["config"]  # parsed: reformatting the file changes nothing
+        digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()
+    weights = None
+    if cfg.pretrained and os.path.isfile(cfg.pretrained):
+        st = os.stat(cfg.pretrained)
+        weights = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"model_config_digest": digest, "pretrained_file": weights}
+
+
+def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards, precision: str) -> dict:
+    """The settings recorded in ``meta.json``: what a rerun must share to resume the folder's shards."""
     keep = (
         "data",
         "data_format",
@@ -279,6 +316,8 @@ def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards) -> dict:
     else:
         meta["num_samples"] = len(source)
         meta["input"] = _source_digest(source, cfg.mode in CAPTION_MODES)
+    meta.update(_model_identity(cfg))
+    meta["precision"] = precision
     meta["random_init"] = cfg.model != "pixels" and not cfg.pretrained
     meta["layout"] = LAYOUT
     return meta
@@ -296,13 +335,14 @@ class _Encoder:
             torch.manual_seed(cfg.seed)  # random-init towers must be identical when a run resumes
             self.model, self.tokenizer, size = load_clip(cfg.model, cfg.pretrained, cfg.model_config, device)
             self.transform = eval_transform(size)
+        self.precision = encode_precision(cfg, device)  # the one meta.json records
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor | None, captions: list[str] | None) -> torch.Tensor:
         if self.model is None:
             assert images is not None
             return F.normalize(images.flatten(1).float(), dim=1)
-        use_amp = self.device.type == "cuda"
+        use_amp = self.precision == "bf16"
         parts = []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             if images is not None:
@@ -397,8 +437,9 @@ def _extract_shard(cfg: FeaturesConfig, source: Source, encoder: _Encoder, start
     else:
         for b in range(start, end, cfg.batch_size):
             batch = list(range(b, min(b + cfg.batch_size, end)))
-            idx_ok, texts = _captions(source, batch)
-            rows.no_caption += len(batch) - len(idx_ok)
+            usable = [i for i in batch if not source.records[i].error]  # others are skipped, not caption-less
+            idx_ok, texts = _captions(source, usable)
+            rows.no_caption += len(usable) - len(idx_ok)
             rows.add(encoder, None, texts, [ids[i - start] for i in idx_ok], idx_ok)
             bar.update(len(batch))
     return rows
@@ -585,6 +626,45 @@ def _write_index(out: Path, meta: dict, num_shards: int, description: str, quiet
     return index
 
 
+def _has_finished_shards(out: Path) -> bool:
+    """Whether ``out`` holds a finished shard: a features file ``shard_<n>.npy`` (``shard_<n>.pos.npy`` is
+    written before it, so it alone is a shard left unfinished)."""
+    return any(re.fullmatch(r"shard_\d+\.npy", p.name) for p in out.glob("shard_*.npy"))
+
+
+def _claim(out: Path, meta: dict, overwrite: bool) -> None:
+    """Make ``out`` a folder of the settings ``meta``: finished shards of other (or unknown) settings are an
+    error, or with ``overwrite`` deleted; a folder without finished shards is taken over."""
+    meta_path = out / "meta.json"
+    fix = "it records the settings of the shards there: use another output_dir or --overwrite"
+    guarded = not overwrite and _has_finished_shards(out)  # rows a mismatch would mix with other rows
+    old = None  # no meta.json, a damaged one, or one to be replaced anyway
+    if meta_path.is_file():
+        try:
+            old = load_json(meta_path, fix)
+        except DataError:
+            if guarded:
+                raise
+    elif guarded:
+        raise config.ConfigError(
+            f"{out} holds feature shards but no meta.json saying which settings made them; "
+            "use another output_dir or --overwrite"
+        )
+    if old != meta:
+        if guarded:
+            if not isinstance(old, dict):
+                raise damaged(meta_path, "not a JSON object", fix)
+            diff = sorted(k for k in set(old) | set(meta) if k not in old or k not in meta or old[k] != meta[k])
+            raise config.ConfigError(
+                f"{out} holds features made with different settings ({diff}); use another output_dir or --overwrite"
+            )
+        # The index goes first: until the new one is written, no reader takes the folder as complete.
+        for p in [out / "index.json", out / "ids.txt", out / TABLE_FILE, out / POSITIONS_FILE,
+                  *out.glob("shard_*")]:  # fmt: skip
+            p.unlink(missing_ok=True)
+    atomic.write_json(meta_path, meta)
+
+
 def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
     """Run the features step; returns the index dict (also written to ``index.json``)."""
     info = dist.setup(cfg.device, timeout_hours=24)
@@ -594,31 +674,9 @@ def extract(cfg: FeaturesConfig, quiet: bool = False) -> dict:
         _check_ids(source, cfg.skip_bad)
     cfg = replace(cfg, mode=resolve_mode(cfg, source, quiet or not info.is_main))
     out = Path(cfg.output_dir)
-    meta = _fingerprint(cfg, source)
-    meta_path = out / "meta.json"
+    meta = _fingerprint(cfg, source, encode_precision(cfg, info.device))
     if info.is_main:
-        if meta_path.is_file():
-            fix = "it records the settings of the shards there: use another output_dir or --overwrite"
-            try:
-                old = load_json(meta_path, fix)
-            except DataError:
-                if not cfg.overwrite and any(out.glob("shard_*.npy")):
-                    raise
-                old = None  # nothing to protect, or to be replaced anyway
-            if old != meta:
-                if not cfg.overwrite and any(out.glob("shard_*.npy")):
-                    if not isinstance(old, dict):
-                        raise damaged(meta_path, "not a JSON object", fix)
-                    diff = sorted(k for k in set(old) | set(meta) if k not in old or k not in meta or old[k] != meta[k])
-                    raise config.ConfigError(
-                        f"{out} holds features made with different settings ({diff}); "
-                        "use another output_dir or --overwrite"
-                    )
-                # The index goes first: until the new one is written, no reader takes the folder as complete.
-                for p in [out / "index.json", out / "ids.txt", out / TABLE_FILE, out / POSITIONS_FILE,
-                          *out.glob("shard_*")]:  # fmt: skip
-                    p.unlink(missing_ok=True)
-        atomic.write_json(meta_path, meta)
+        _claim(out, meta, cfg.overwrite)
     dist.barrier()
     num_shards = len(source) if streamed else -(-len(source) // cfg.shard_size)
     mine = [s for s in range(num_shards) if s % info.world_size == info.rank]
