@@ -166,6 +166,47 @@ def test_matches_single_process(tmp_path):
                     _close(got["w_grad"], ws.grad[start:stop], eps)
 
 
+def _unchecked_step(group, rank, world, labels):
+    """Loss and gradients of the module (sharded over ``group``, or not) without value checks on the
+    global ``labels``."""
+    num_classes = 7
+    x, _, w = _global_data(world, num_classes)
+    x[0] = float("nan")  # the row whose label is out of range: dropped rows are zeroed first
+    start, stop = class_range(num_classes, rank, world)
+    crit = DualPartialMarginLoss(num_classes, D, check_values=False, class_sample_rate=1.0, dim_sample_rate=1.0,
+                                 process_group=group).double()  # fmt: skip
+    with torch.no_grad():
+        crit.weight.copy_(w[start:stop])
+    xl = x[rank * B : (rank + 1) * B].clone().requires_grad_()
+    loss = crit(xl, labels[rank * B : (rank + 1) * B])
+    loss.backward()
+    return [loss.detach(), xl.grad, crit.weight.grad]
+
+
+def _scenario_unchecked_out_of_range(rank, world, group):
+    _, y, _ = _global_data(world, 7)
+    dropped = y.clone()
+    rows = [0, B + 1] if world > 1 else [0, 1]
+    dropped[rows[0]], dropped[rows[1]] = 7 + 3, -5  # outside [0, C), neither is ignore_index
+    ignored = y.clone()
+    ignored[rows] = -1
+    return {
+        name: _unchecked_step(group, rank, world, labels)
+        for name, labels in (("dropped", dropped), ("ignored", ignored))
+    }
+
+
+def test_unchecked_out_of_range_labels_drop_their_rows_as_ignored_ones(tmp_path):
+    """Without value checks a label outside [0, C) drops its row as an ignored one: sharded, the row
+    entered the mean with a target logit of 0 (22.40 became 21.23 at W=2) and got a gradient; in one
+    process its NaN embedding reached the prototypes' gradient."""
+    results = [*spawn(2, _scenario_unchecked_out_of_range, tmp_path), _scenario_unchecked_out_of_range(0, 1, None)]
+    for res in results:
+        for got, want in zip(res["dropped"], res["ignored"], strict=True):
+            assert torch.equal(got, want)
+        assert all(torch.isfinite(t).all() for t in res["dropped"])
+
+
 def _ddp_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(D_IN, 32), torch.nn.Tanh(), torch.nn.Linear(32, D))

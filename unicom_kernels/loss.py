@@ -173,7 +173,9 @@ def _single_process_loss(
     check_values: bool,
     row_grad: RowGrad | None = None,
 ) -> Tensor:
-    ignored = None if check_values else labels == opts.ignore_index  # checked rows are finite
+    # Unchecked, an out-of-range label drops its row like an ignored one (its target is -1 below).
+    counted = _local_labels(labels, opts.ignore_index, 0, prototypes.shape[0]) >= 0
+    ignored = None if check_values else ~counted  # checked rows are finite
     x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index, row_grad, ignored)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
     backend = get_backend(opts.backend, embeddings.device, compute)
@@ -256,7 +258,10 @@ def _sharded_loss(
     # DDP averages parameter gradients over ranks; the reduce-scattered embedding gradient
     # is dL/dx of the global mean loss, so scale it by W to make that average the true step.
     gathered = _dist.all_gather_rows(embeddings, group, grad_scale=float(world))
-    ignored = None if check_values else all_labels == opts.ignore_index  # checked rows are finite
+    # The rows of the mean: every one when checked; unchecked, an out-of-range label drops its row,
+    # as in a single process (its class is in no block, so it would enter with a target logit of 0).
+    counted = _local_labels(all_labels, opts.ignore_index, 0, total) >= 0
+    ignored = None if check_values else ~counted  # checked rows are finite
     x, w, compute = _gathered(gathered, shard, class_index, dim_index, row_grad, ignored)
     target = _targets(all_labels, class_index, opts.ignore_index, start, stop)
     backend = get_backend(opts.backend, embeddings.device, compute)
@@ -264,7 +269,7 @@ def _sharded_loss(
         lse, z_t = backend.lse_and_target(x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
     # |z| <= s for every margin type with m >= 0; s * (1 + |m|) also covers negative margins.
     logit_bound = opts.scale * (1.0 + abs(opts.margin))
-    loss = _dist.global_loss(lse, z_t, all_labels != opts.ignore_index, logit_bound, group)
+    loss = _dist.global_loss(lse, z_t, counted, logit_bound, group)
     return loss, class_index + start, dim_index
 
 
@@ -318,7 +323,9 @@ def dual_partial_margin_loss(
             the embeddings are finite, which reads one value back from the device (a host
             synchronisation on a GPU). ``False`` skips these checks: with every class sampled, or
             ``int(class_sample_rate * C)`` at least the number of rows, the step then reads
-            nothing back (CUDA-graph friendly); out-of-range labels are then undefined behaviour.
+            nothing back (CUDA-graph friendly); a label outside ``[0, C)`` then drops its row like
+            ``ignore_index`` (this function with ``process_group`` still agrees on the class
+            count across ranks, and that agreement refuses it).
         process_group: shard the classes across this group's ranks (model parallel). The
             embeddings are all-gathered; their gradient is reduce-scattered back and scaled
             by the world size, so that DDP's gradient averaging yields the single-process step.
