@@ -589,7 +589,8 @@ def save_checkpoint(output_dir: str | Path, step: int, rank: int, state: dict, k
 
 class MetricsLog:
     """``metrics.csv`` + TensorBoard when installed; rows from ``first_step`` on are dropped (a resumed run
-    writes them again)."""
+    writes them again). Rows are appended as they come (one write each); a row cut short by a killed
+    process or a full disk is dropped when a resumed run rewrites the file."""
 
     def __init__(self, output_dir: Path, first_step: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -600,7 +601,8 @@ class MetricsLog:
         rows = []
         if first_step > 1 and self.path.is_file():
             with open(self.path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) < first_step]
+                whole = (r for r in csv.DictReader(handle) if all(r.get(f) for f in METRIC_FIELDS))
+                rows = [r for r in whole if int(r["step"]) < first_step]
         text = ",".join(METRIC_FIELDS) + "\n" + "".join(",".join(r[f] for f in METRIC_FIELDS) + "\n" for r in rows)
         atomic.write_text(self.path, text)
         try:
