@@ -79,6 +79,7 @@ class Bench:
         self.index = sample_classes(no_positives, keys, args.rate)  # as the module samples a step
         self.grad = torch.randn(self.index.numel(), args.dim, device=args.device)
         self.rows: list[dict] = []
+        self.echo: Callable[[dict], None] | None = None  # called with each row as soon as it is measured
 
     def measure(self, name: str, fn: Callable[[], None], before: Callable[[], None], holds: float) -> None:
         cuda = self.device == "cuda"
@@ -89,6 +90,8 @@ class Bench:
         row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
         row.update(peak_added_mib=peak, holds_mib=holds)
         self.rows.append(row)
+        if self.echo is not None:
+            self.echo(row)
 
     def gradients(self) -> None:
         """Backward of the gathered rows: dense ``weight.grad`` against the compact one."""
@@ -194,14 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args)
+    if args.device == "cuda":  # a short GPU slot: each row reaches stdout as soon as it is measured
+        writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        bench.echo = lambda row: (writer.writerow(row), sys.stdout.flush())
     bench.gradients()
     for name in OPTIMIZERS:
         bench.steps(name)
     add_ratios(bench.rows)
     if args.device == "cuda":
-        writer = csv.DictWriter(sys.stdout, fieldnames=(*FIELDS, "x_dense"), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(bench.rows)
+        ratios = csv.DictWriter(sys.stdout, ("measurement", "x_dense"), extrasaction="ignore", lineterminator="\n")
+        ratios.writeheader()
+        ratios.writerows(r for r in bench.rows if "x_dense" in r)
         return 0
     meta = _report.metadata(args.device, [], None)
     meta.update(command=" ".join(["python", "-m", "benchmarks.bench_optim", *(argv or sys.argv[1:])]), reps=args.reps)

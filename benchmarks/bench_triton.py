@@ -1,11 +1,12 @@
-"""Time the margin-softmax backends side by side on one CUDA device (used by gpu_check.sh).
+"""Time the margin-softmax backends side by side on one CUDA device (a sweep beyond gpu_check.sh's shape A).
 
 For each shape (N rows, n sampled classes, D dims, dim ratio -> k = round(ratio * D)) and each
 backend (triton, torch, reference), it measures the forward alone and forward + backward
 with ``triton.testing.do_bench`` (CUDA events, median), the peak extra memory of one
 forward + backward, and derived numbers: TFLOP/s with the convention of docs/design.md, section 4.2
 (forward = one GEMM pass, 2*N*n*k FLOP; forward + backward = four passes), percent of a
-dense bf16 peak (``--peak-tflops``, default 790), and the
+dense bf16 peak (``--peak-tflops``, default the device's from ``benchmarks/_report.py``: 989
+TFLOP/s on an H100 SXM or H200), and the
 speed-up over the reference. The backends receive fp32 inputs and do the GEMMs in bf16
 (``compute_dtype``), like shape A (s = 64, arcface m = 0.5).
 
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _report  # noqa: E402  (after the path above: also run as a script)
 
 # (name, N, n, D, dim ratio)
 SHAPES = [
@@ -129,7 +132,7 @@ def main() -> int:
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="shape A only")
     parser.add_argument("--backends", nargs="+", default=["triton", "torch", "reference"])
-    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="default: the device's dense bf16 peak")
     parser.add_argument("--rep-ms", type=int, default=100)
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -137,6 +140,7 @@ def main() -> int:
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    peak = _report.peak_tflops("cuda", "bf16", args.peak_tflops) or float("nan")  # nan: an unknown device
     rows = []
     for name, N, n, D, ratio in SHAPES[:1] if args.quick else SHAPES:
         k = round(ratio * D)
@@ -150,7 +154,7 @@ def main() -> int:
                 row.update(measure(backend(b), N, n, k, args.rep_ms))
                 row["fwd_tflops"] = gemm / (row["fwd_us"] * 1e-6) / 1e12
                 row["fwd_bwd_tflops"] = 4 * gemm / (row["fwd_bwd_us"] * 1e-6) / 1e12
-                row["fwd_bwd_pct_peak"] = 100.0 * row["fwd_bwd_tflops"] / args.peak_tflops
+                row["fwd_bwd_pct_peak"] = 100.0 * row["fwd_bwd_tflops"] / peak
                 if b == "reference":
                     ref_fb = row["fwd_bwd_us"]
             except Exception as exc:  # e.g. out of memory for the reference: keep the sweep going
