@@ -194,6 +194,25 @@ def test_a_diverging_run_stops_before_a_checkpoint_keeps_its_nans(
             assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
+def test_a_trained_model_loads_with_the_normalisation_it_trained_with(dataset, tmp_path, one_thread, monkeypatch):
+    """The mean/std are decided from the weights' names when the model is built; should that rule give
+    other values when the run is loaded (a changed rule, an open_clip update), the checkpoint's win."""
+    train(make_cfg(dataset, tmp_path / "run", max_steps=2))
+    trained = load_trained(tmp_path / "run")
+    build = train_module.build_model
+
+    def other_rule(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.mean = model.std = (0.5, 0.5, 0.5)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", other_rule)
+    for path in (tmp_path / "run", latest_checkpoint(tmp_path / "run")):
+        loaded = load_trained(path)
+        assert (loaded.mean, loaded.std, loaded.image_size) == (trained.mean, trained.std, trained.image_size)
+        assert loaded.mean != (0.5, 0.5, 0.5)
+
+
 def test_bad_training_input(dataset, tmp_path):
     with pytest.raises(config.ConfigError, match="batch_size"):
         train(make_cfg(dataset, tmp_path / "c", batch_size=64))

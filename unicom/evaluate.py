@@ -39,7 +39,7 @@ from . import atomic, config, dist
 from .data import FORMATS, DataError, ImageDataset, Source, load_npy, open_source
 from .features import FeatureStore
 from .metrics import retrieval_metrics
-from .model import build_model, eval_transform, load_clip, pixel_transform
+from .model import build_model, eval_transform, load_clip, open_clip_input, pixel_transform
 from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 METHODS = ("checkpoint", "untrained", "pixels", "clip", "features")
@@ -306,8 +306,8 @@ def _encoder(cfg: EvaluateConfig, device: torch.device) -> tuple[torch.nn.Module
     if cfg.method == "pixels":
         return None, pixel_transform(cfg.pixel_size)
     if cfg.method == "clip":
-        clip, _, size = load_clip(cfg.clip_model, cfg.pretrained, cfg.model_config, device)
-        return _ClipImage(clip), eval_transform(size)
+        clip, _, _ = load_clip(cfg.clip_model, cfg.pretrained, cfg.model_config, device)
+        return _ClipImage(clip), eval_transform(*open_clip_input(clip))  # the weights' mean/std
     from .train import load_trained
 
     if cfg.checkpoint:

@@ -90,7 +90,14 @@ from .data import (
     open_source,
     resolve_format,
 )
-from .model import eval_transform, load_clip, pixel_transform, read_model_config
+from .model import (
+    eval_transform,
+    load_clip,
+    open_clip_input,
+    pixel_transform,
+    pretrained_preprocess,
+    read_model_config,
+)
 from .stream import POSITIONS_FILE, TABLE_FILE, ShardTable
 
 MODES = ("auto", "joint", "image", "text")
@@ -275,10 +282,10 @@ def encode_precision(cfg: FeaturesConfig, device: torch.device) -> str:
 def _model_identity(cfg: FeaturesConfig) -> dict:
     """What the files ``model_config`` and a local ``pretrained`` hold, so that a file replaced at the same
     path counts as another model: a digest of the architecture, and the weights file's size and modification
-    time (as the tars are fingerprinted; hashing gigabytes of weights would be slow). An open_clip tag names
-    fixed weights: its name is enough."""
+    time (as the tars are fingerprinted; hashing gigabytes of weights would be slow), and the mean/std the
+    images are normalised with. An open_clip tag names fixed weights: its name is enough."""
     if cfg.model == "pixels":
-        return {"model_config_digest": None, "pretrained_file": None}
+        return {"model_config_digest": None, "pretrained_file": None, "normalisation": None}
     digest = None
     if cfg.model_config:
         arch = read_model_config(cfg.model_config)["config"]  # parsed: reformatting the file changes nothing
@@ -287,7 +294,9 @@ def _model_identity(cfg: FeaturesConfig) -> dict:
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         st = os.stat(cfg.pretrained)
         weights = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"model_config_digest": digest, "pretrained_file": weights}
+    # The weights' mean/std (lists: as meta.json reads back), so that a rule change is another setting.
+    normalisation = {k: list(v) for k, v in pretrained_preprocess(cfg.model, cfg.pretrained).items()}
+    return {"model_config_digest": digest, "pretrained_file": weights, "normalisation": normalisation}
 
 
 def _fingerprint(cfg: FeaturesConfig, source: Source | TarShards, precision: str) -> dict:
@@ -333,8 +342,8 @@ class _Encoder:
             self.transform = pixel_transform(cfg.pixel_size)
         else:
             torch.manual_seed(cfg.seed)  # random-init towers must be identical when a run resumes
-            self.model, self.tokenizer, size = load_clip(cfg.model, cfg.pretrained, cfg.model_config, device)
-            self.transform = eval_transform(size)
+            self.model, self.tokenizer, _ = load_clip(cfg.model, cfg.pretrained, cfg.model_config, device)
+            self.transform = eval_transform(*open_clip_input(self.model))  # the weights' mean/std, not always CLIP's
         self.precision = encode_precision(cfg, device)  # the one meta.json records
 
     @torch.no_grad()

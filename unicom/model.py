@@ -4,6 +4,11 @@ Architectures are named ``open_clip:<model>`` (any open_clip model name, or the 
 JSON architecture passed as ``model_config``) or ``timm:<model>`` (e.g. ``timm:vit_small_patch16_224``).
 ``pretrained`` is an open_clip tag (downloaded by open_clip, so online only) or a local weights file;
 ``None`` means random initialisation.
+
+An open_clip model's input (side, mean, std) is what open_clip records on the model it builds, read by
+:func:`open_clip_input` for training, features and evaluation alike: a tag's own normalisation (0.5 for
+SigLIP tags, ImageNet's for CLIPA...), for a weights file the one all tags of its architecture share
+(:func:`pretrained_preprocess`), else CLIP's.
 """
 
 from __future__ import annotations
@@ -52,6 +57,26 @@ def read_model_config(path: str | os.PathLike) -> dict:
     return {"name": path.stem, "config": arch}
 
 
+def model_config_name(model_config: str | os.PathLike | dict) -> str:
+    """The architecture name a ``model_config`` registers (see :func:`read_model_config`), without reading it."""
+    return model_config["name"] if isinstance(model_config, dict) else Path(model_config).stem
+
+
+def _register_for(name: str, model_config: str | os.PathLike | dict | None) -> None:
+    """Register ``model_config`` for the open_clip model ``name``; one of another name is refused, since
+    open_clip would build the model called ``name`` and leave the custom architecture unused."""
+    if not model_config:
+        return
+    custom = model_config_name(model_config)
+    if custom != name:
+        source = "the checkpoint's model_config" if isinstance(model_config, dict) else f"model_config {model_config}"
+        raise ModelError(
+            f"{source} defines the open_clip architecture {custom!r} (named by its file), but the model asked "
+            f"for is {name!r}: name the model {custom!r} (arch 'open_clip:{custom}'), or rename the file"
+        )
+    register_open_clip_config(model_config)
+
+
 def register_open_clip_config(model_config: str | os.PathLike | dict | None) -> None:
     """Make a custom open_clip architecture known to open_clip under its name.
 
@@ -89,12 +114,14 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def load_weights(module: nn.Module, weights: Any, path: str | os.PathLike) -> None:
+def load_weights(module: nn.Module, weights: Any, path: str | os.PathLike, target: str | None = None) -> None:
     """Load the state_dict ``weights`` read from ``path`` into ``module``.
 
-    Missing or unexpected keys and wrong shapes raise :class:`ModelError` naming ``path`` (one line,
-    unlike ``load_state_dict``'s list of every key).
+    Missing or unexpected keys and wrong shapes raise :class:`ModelError` naming ``path`` and ``target``
+    (what ``module`` is; default: the module's class, built from the checkpoint's config) in one line,
+    unlike ``load_state_dict``'s list of every key.
     """
+    target = target or f"the {type(module).__name__} of its config"
     if not isinstance(weights, dict):
         raise ModelError(f"{path}: the weights are a {type(weights).__name__}, not a state_dict")
     expected = module.state_dict()
@@ -109,9 +136,7 @@ def load_weights(module: nn.Module, weights: Any, path: str | os.PathLike) -> No
     problems += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"] if unexpected else []
     problems += shapes[:3]
     if problems:
-        raise ModelError(
-            f"{path}: the weights do not fit the {type(module).__name__} of its config: {'; '.join(problems)}"
-        )
+        raise ModelError(f"{path}: the weights do not fit {target}: {'; '.join(problems)}")
     module.load_state_dict(weights)
 
 
@@ -159,9 +184,46 @@ def _check_pretrained(name: str, pretrained: str | None) -> None:
         )
 
 
-def _create_open_clip(name: str, pretrained: str | None, **kwargs: Any) -> nn.Module:
+def pretrained_preprocess(name: str, pretrained: str | None) -> dict:
+    """The ``mean`` / ``std`` the open_clip weights ``pretrained`` of architecture ``name`` expect (empty:
+    open_clip's default, CLIP's). A tag names them; a weights file does not, so a file gets the ones all tags
+    of ``name`` share (SigLIP architectures: 0.5), else CLIP's. Depends on names only, not on the file."""
     import open_clip
 
+    if not pretrained:
+        return {}
+    tag = open_clip.get_pretrained_cfg(name, pretrained)  # open_clip too takes a tag before a file of that name
+    tags = [] if tag else open_clip.list_pretrained_tags_by_model(name)
+    cfgs = [tag] if tag else [open_clip.get_pretrained_cfg(name, t) for t in tags]
+    found = {(tuple(c["mean"]), tuple(c["std"])) for c in cfgs if c.get("mean") and c.get("std")}
+    if len(found) != 1:
+        return {}
+    mean, std = found.pop()
+    return {"mean": mean, "std": std}
+
+
+def open_clip_input(model: nn.Module) -> tuple[int, tuple, tuple]:
+    """``(image side, mean, std)`` an open_clip model (or its visual tower) built here expects: the one
+    source of an open_clip model's preprocessing for :func:`build_model` and :func:`load_clip`'s callers."""
+    visual = getattr(model, "visual", model)
+    size = visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    mean = tuple(getattr(visual, "image_mean", None) or CLIP_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or CLIP_STD)
+    return int(size), mean, std
+
+
+def _create_open_clip(name: str, pretrained: str | None, load: bool = True, **kwargs: Any) -> nn.Module:
+    """open_clip's ``create_model`` with the input normalisation of :func:`pretrained_preprocess`.
+
+    ``load=False``: random weights, no file or download needed (a saved state is loaded over them).
+    """
+    import open_clip
+
+    kwargs["force_preprocess_cfg"] = pretrained_preprocess(name, pretrained)
+    if not load:
+        # The text tower is never used here: no download of its base weights either.
+        return open_clip.create_model(name, pretrained=None, pretrained_text=False, **kwargs)
     try:
         return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
     except Exception as exc:  # a damaged local weights file fails inside torch.load with any of several types
@@ -183,18 +245,18 @@ def load_clip(
     """Create an open_clip model: returns ``(model in eval mode, tokenizer, image_size)``.
 
     ``pretrained``: an open_clip tag or a local file; ``None`` gives random weights (say so to users).
+    ``model_config`` must define the architecture ``name``. Normalise images with
+    ``eval_transform(*open_clip_input(model))``: the mean/std are the weights' own, not always CLIP's.
     """
     import open_clip
 
-    register_open_clip_config(model_config)
+    _register_for(name, model_config)
     if name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model {name!r}; pass model_config=<json> for a custom architecture")
     _check_pretrained(name, pretrained)
     model = _create_open_clip(name, pretrained, device=device)
     model.eval()
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, tuple | list) else size
-    return model, open_clip.get_tokenizer(name), int(size)
+    return model, open_clip.get_tokenizer(name), open_clip_input(model)[0]
 
 
 class EmbeddingModel(nn.Module):
@@ -222,50 +284,105 @@ def build_model(
     pretrained: str | None = None,
     model_config: str | dict | None = None,
     image_size: int | None = None,
+    load_pretrained: bool = True,
 ) -> EmbeddingModel:
     """Backbone named by ``arch`` (``open_clip:<name>`` / ``timm:<name>``) + a linear head to ``embedding_dim``.
 
-    ``model_config``: a custom open_clip architecture, see :func:`register_open_clip_config`.
+    ``model_config``: a custom open_clip architecture, see :func:`register_open_clip_config`; it must define
+    ``<name>`` (a file ``<name>.json``). The model's ``image_size`` / ``mean`` / ``std`` are those of
+    ``pretrained`` (see :func:`pretrained_preprocess`; timm: the architecture's ``pretrained_cfg``).
+    A timm ``pretrained`` file must fit the architecture: no missing or unexpected keys (its ImageNet
+    classifier aside) and, for a ViT built for another ``image_size``, a position embedding resampled to it.
+    ``load_pretrained=False``: random weights but ``pretrained``'s input normalisation, needing neither the
+    file nor a download, for loading a saved state over it.
     """
     kind, _, name = arch.partition(":")
     if kind == "open_clip" and name:
-        import open_clip
-
-        register_open_clip_config(model_config)
-        if name not in open_clip.list_models():
-            raise ModelError(f"unknown open_clip model {name!r} in arch={arch!r}; pass model_config=<json>")
-        _check_pretrained(name, pretrained)
-        kwargs = {"force_image_size": image_size} if image_size else {}
-        clip = _create_open_clip(name, pretrained, **kwargs)
-        visual = clip.visual
-        size = visual.image_size
-        size = size[0] if isinstance(size, tuple | list) else size
-        mean = getattr(visual, "image_mean", None) or CLIP_MEAN
-        std = getattr(visual, "image_std", None) or CLIP_STD
-        return EmbeddingModel(visual, int(visual.output_dim), embedding_dim, int(size), mean, std)
+        visual = _open_clip_visual(name, pretrained, model_config, image_size, load_pretrained)
+        size, mean, std = open_clip_input(visual)
+        return EmbeddingModel(visual, int(visual.output_dim), embedding_dim, size, mean, std)
     if kind == "timm" and name:
-        try:
-            backbone = _create_timm(name, image_size)
-        except RuntimeError as exc:
-            raise ModelError(f"timm cannot create {name!r}: {exc}") from exc
-        if pretrained:
-            if not os.path.isfile(pretrained):
-                raise ModelError(f"timm weights file not found: {pretrained} (only local files are supported)")
-            state = load_file(pretrained)
-            state = state.get("state_dict", state.get("model", state))
-            missing, unexpected = backbone.load_state_dict(state, strict=False)
-            if missing:
-                raise ModelError(f"timm weights {pretrained} miss {len(missing)} keys, e.g. {missing[:3]}")
+        backbone = _create_timm(name, image_size)
+        if pretrained and load_pretrained:
+            _load_timm_file(backbone, name, pretrained)
         cfg = backbone.pretrained_cfg or {}
         size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
         mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
-        return EmbeddingModel(backbone, int(backbone.num_features), embedding_dim, size, mean, std)
+        return EmbeddingModel(backbone, _timm_feature_dim(backbone), embedding_dim, size, mean, std)
     raise ModelError(f"arch must be 'open_clip:<name>' or 'timm:<name>', got {arch!r}")
+
+
+def _open_clip_visual(
+    name: str, pretrained: str | None, model_config: str | dict | None, image_size: int | None, load: bool
+) -> nn.Module:
+    """The visual tower of open_clip model ``name`` (see :func:`build_model`)."""
+    import open_clip
+
+    _register_for(name, model_config)
+    if name not in open_clip.list_models():
+        raise ModelError(f"unknown open_clip model {name!r} in arch='open_clip:{name}'; pass model_config=<json>")
+    if load:
+        _check_pretrained(name, pretrained)
+    kwargs = {"force_image_size": image_size} if image_size else {}
+    return _create_open_clip(name, pretrained, load, **kwargs).visual
+
+
+def _timm_feature_dim(backbone: nn.Module) -> int:
+    """Width of a classifier-less timm model's output: ``head_hidden_size`` where the pooled features pass
+    through a pre-logits layer (MobileNetV3, GhostNet...), which ``num_features`` does not count."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+def _load_timm_file(backbone: nn.Module, name: str, path: str) -> None:
+    """Load a local timm weights file (a state_dict, or one under ``state_dict`` / ``model``) into ``backbone``."""
+    if not os.path.isfile(path):
+        raise ModelError(f"timm weights file not found: {path} (only local files are supported)")
+    state = load_file(path)
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if isinstance(state, dict):
+        state = _resample_pos_embed(backbone, _without_classifier(backbone, state))
+    load_weights(backbone, state, path, f"timm:{name}")
+
+
+def _without_classifier(backbone: nn.Module, state: dict) -> dict:
+    """``state`` less its ImageNet classifier (``pretrained_cfg['classifier']``, e.g. ``fc`` or ``head``),
+    which the embedding head replaces; keys the model itself has stay, to be checked."""
+    names = (backbone.pretrained_cfg or {}).get("classifier") or ()
+    prefixes = tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))
+    own = backbone.state_dict()
+    return {k: v for k, v in state.items() if k in own or not (prefixes and k.startswith(prefixes))}
+
+
+def _resample_pos_embed(backbone: nn.Module, state: dict) -> dict:
+    """``state`` with its ViT position embedding interpolated to the model's patch grid, when the model was
+    built for another ``image_size`` than the weights (as timm does when it loads its own weights)."""
+    pos, own = state.get("pos_embed"), getattr(backbone, "pos_embed", None)
+    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+    if not isinstance(pos, torch.Tensor) or not isinstance(own, torch.Tensor) or grid is None:
+        return state
+    if pos.shape == own.shape or pos.ndim != 3 or own.ndim != 3:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else int(getattr(backbone, "num_prefix_tokens", 1))
+    try:
+        resized = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=prefix)
+    except RuntimeError:  # not a square grid of tokens: load_weights names the shapes
+        return state
+    return {**state, "pos_embed": resized}
 
 
 def _create_timm(name: str, image_size: int | None) -> nn.Module:
     """A timm backbone without classifier, built for ``image_size`` when its constructor takes ``img_size``
     (ViTs, whose position embeddings depend on it); other models (CNNs) take any size as it comes."""
+    try:
+        return _create_timm_model(name, image_size)
+    except RuntimeError as exc:
+        raise ModelError(f"timm cannot create {name!r}: {exc}") from exc
+
+
+def _create_timm_model(name: str, image_size: int | None) -> nn.Module:
     import timm
 
     if image_size:

@@ -75,7 +75,16 @@ from .data import (
     open_source,
     resolve_format,
 )
-from .model import EmbeddingModel, ModelError, build_model, load_file, load_weights, read_model_config, train_transform
+from .model import (
+    EmbeddingModel,
+    ModelError,
+    build_model,
+    load_file,
+    load_weights,
+    model_config_name,
+    read_model_config,
+    train_transform,
+)
 from .stream import PositionLabels, ShardStream
 
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "prototype_lr", "grad_norm", "images_per_s", "skipped")
@@ -542,6 +551,11 @@ def data_fingerprint(units: list[tuple[str, int]], labels: np.ndarray | None) ->
     return digest.hexdigest()[:16]
 
 
+def _input_of(model: EmbeddingModel) -> dict:
+    """The input the model was trained on, kept in its checkpoints so that it loads with the same."""
+    return {"image_size": model.image_size, "mean": list(model.mean), "std": list(model.std)}
+
+
 def _weights(model: nn.Module, criterion: nn.Module) -> list[torch.Tensor]:
     """The tensors a checkpoint keeps that training changes: parameters and floating-point buffers."""
     tensors = [*model.parameters(), *criterion.parameters(), *model.buffers()]
@@ -915,6 +929,7 @@ def train(cfg: TrainConfig) -> dict:
                     "num_classes": num_classes,
                     "config": dataclasses.asdict(cfg),
                     "custom_arch": custom_arch,
+                    "input": _input_of(model),
                     "log": {"losses": torch.stack(losses) if losses else torch.zeros(0), "skipped": skipped},
                 }
                 save_checkpoint(out, step, info.rank, state, cfg.keep_checkpoints)
@@ -929,6 +944,7 @@ def train(cfg: TrainConfig) -> dict:
                 "model": model.state_dict(),
                 "config": dataclasses.asdict(cfg),
                 "custom_arch": custom_arch,
+                "input": _input_of(model),
                 "step": step,
                 "num_classes": num_classes,
             },
@@ -951,7 +967,9 @@ def train(cfg: TrainConfig) -> dict:
 def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu", weights: bool = True) -> EmbeddingModel:
     """The model of a ``unicom-train`` run: ``path`` is its output folder, ``final.pt`` or a checkpoint file.
 
-    ``weights=False`` builds the same architecture with its initial (seeded, untrained) weights.
+    The checkpoint holds every weight, so its ``pretrained`` file or tag is not needed (nor a download):
+    only its input normalisation is kept. ``weights=False`` builds the same architecture with the run's
+    initial (seeded, untrained) weights, which does load ``pretrained`` again.
     """
     path = Path(path)
     if path.is_dir():
@@ -964,12 +982,18 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu", we
     torch.manual_seed(cfg.seed)
     # Older checkpoints name the architecture file only, which may not be found from here.
     custom_arch = state.get("custom_arch") or cfg.model_config
+    if custom_arch and cfg.arch != f"open_clip:{model_config_name(custom_arch)}":
+        custom_arch = None  # older runs built arch and left an architecture of another name unused
     try:
-        model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, custom_arch, cfg.image_size)
+        model = build_model(
+            cfg.arch, cfg.embedding_dim, cfg.pretrained, custom_arch, cfg.image_size, load_pretrained=not weights
+        )
     except ModelError as exc:
         raise ModelError(f"checkpoint {path}: {exc}") from exc
     if weights:
         load_weights(model, state["model"], path)
+    if "input" in state:  # the normalisation the run trained with (absent in checkpoints of older versions)
+        model.mean, model.std = tuple(state["input"]["mean"]), tuple(state["input"]["std"])
     return model.to(device).eval()
 
 
