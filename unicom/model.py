@@ -250,11 +250,7 @@ def load_clip(
     """
     import open_clip
 
-    _register_for(name, model_config)
-    if name not in open_clip.list_models():
-        raise ModelError(f"unknown open_clip model {name!r}; pass model_config=<json> for a custom architecture")
-    _check_pretrained(name, pretrained)
-    model = _create_open_clip(name, pretrained, device=device)
+    model = _open_clip_model(name, pretrained, model_config, device=device)
     model.eval()
     return model, open_clip.get_tokenizer(name), open_clip_input(model)[0]
 
@@ -298,7 +294,8 @@ def build_model(
     """
     kind, _, name = arch.partition(":")
     if kind == "open_clip" and name:
-        visual = _open_clip_visual(name, pretrained, model_config, image_size, load_pretrained)
+        kwargs = {"force_image_size": image_size} if image_size else {}
+        visual = _open_clip_model(name, pretrained, model_config, load_pretrained, **kwargs).visual
         size, mean, std = open_clip_input(visual)
         return EmbeddingModel(visual, int(visual.output_dim), embedding_dim, size, mean, std)
     if kind == "timm" and name:
@@ -312,19 +309,19 @@ def build_model(
     raise ModelError(f"arch must be 'open_clip:<name>' or 'timm:<name>', got {arch!r}")
 
 
-def _open_clip_visual(
-    name: str, pretrained: str | None, model_config: str | dict | None, image_size: int | None, load: bool
+def _open_clip_model(
+    name: str, pretrained: str | None, model_config: str | dict | None, load: bool = True, **kwargs: Any
 ) -> nn.Module:
-    """The visual tower of open_clip model ``name`` (see :func:`build_model`)."""
+    """open_clip model ``name`` (with ``model_config`` registered) for :func:`build_model` and :func:`load_clip`;
+    ``load=False`` as in :func:`_create_open_clip`, with no check of ``pretrained`` (it is not read)."""
     import open_clip
 
     _register_for(name, model_config)
     if name not in open_clip.list_models():
-        raise ModelError(f"unknown open_clip model {name!r} in arch='open_clip:{name}'; pass model_config=<json>")
+        raise ModelError(f"unknown open_clip model {name!r}; pass model_config=<json> for a custom architecture")
     if load:
         _check_pretrained(name, pretrained)
-    kwargs = {"force_image_size": image_size} if image_size else {}
-    return _create_open_clip(name, pretrained, load, **kwargs).visual
+    return _create_open_clip(name, pretrained, load, **kwargs)
 
 
 def _timm_feature_dim(backbone: nn.Module) -> int:
