@@ -173,11 +173,10 @@ def _single_process_loss(
     check_values: bool,
     row_grad: RowGrad | None = None,
 ) -> Tensor:
-    # Unchecked, an out-of-range label drops its row like an ignored one (its target is -1 below).
-    counted = _local_labels(labels, opts.ignore_index, 0, prototypes.shape[0]) >= 0
-    ignored = None if check_values else ~counted  # checked rows are finite
-    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index, row_grad, ignored)
     target = _targets(labels, class_index, opts.ignore_index, 0, prototypes.shape[0])
+    # Unchecked, an out-of-range label drops its row like an ignored one: its target is -1 too.
+    ignored = None if check_values else target < 0  # checked rows are finite
+    x, w, compute = _gathered(embeddings, prototypes, class_index, dim_index, row_grad, ignored)
     backend = get_backend(opts.backend, embeddings.device, compute)
     with _without_autocast(embeddings.device):
         return mean_loss(backend, x, w, target, **opts.margin_kwargs(), compute_dtype=compute)
